@@ -1,0 +1,134 @@
+"""Checkpoint files, their manifest and retention.
+
+A checkpoint is written to a temp file, fsynced and renamed; only then does the manifest (itself replaced
+atomically) name it. A crash at any moment therefore leaves the manifest pointing at a complete file.
+
+Retention follows the seed's three tracks; a checkpoint stays while any track holds it:
+- fast: the newest ``max_ckpt_in_fast_track`` checkpoints;
+- slow: checkpoints of epochs divisible by ``dilation_in_slow_track``, the newest ``max_ckpt_in_slow_track``;
+- kept: checkpoints ``LifeCycle.hold_checkpoint`` asked for, the newest ``max_ckpt_in_consistent_track``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import DLNestError
+from .fsutil import atomic_write, atomic_write_json
+
+MANIFEST = "manifest.json"
+TRACK_LIMITS = {"fast": "max_ckpt_in_fast_track", "slow": "max_ckpt_in_slow_track",
+                "kept": "max_ckpt_in_consistent_track"}
+
+
+def file_name(epoch: int) -> str:
+    return f"epoch_{epoch:06d}.ckpt"
+
+
+class Checkpoints:
+    """The ``checkpoints/`` folder of one package."""
+
+    def __init__(self, folder: Path, policy: dict[str, int]):
+        self.folder = folder
+        self.policy = policy
+
+    def entries(self) -> list[dict[str, Any]]:
+        path = self.folder / MANIFEST
+        if not path.exists():
+            return []
+        try:
+            return json.loads(path.read_text())["checkpoints"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise DLNestError(f"{path}: unreadable checkpoint manifest ({exc})") from None
+
+    def epochs(self) -> list[int]:
+        return [e["epoch"] for e in self.entries()]
+
+    def _write_manifest(self, entries: list[dict[str, Any]]) -> None:
+        latest = entries[-1]["epoch"] if entries else None
+        atomic_write_json(self.folder / MANIFEST, {"latest": latest, "checkpoints": entries})
+
+    def _tracks(self, epoch: int, hold: bool) -> list[str]:
+        p = self.policy
+        tracks = ["fast"] if p["max_ckpt_in_fast_track"] > 0 else []
+        if p["max_ckpt_in_slow_track"] > 0 and p["dilation_in_slow_track"] > 0 and epoch % p["dilation_in_slow_track"] == 0:
+            tracks.append("slow")
+        if hold and p["max_ckpt_in_consistent_track"] > 0:
+            tracks.append("kept")
+        return tracks
+
+    def _retain(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for track, key in TRACK_LIMITS.items():
+            holders = [e for e in entries if track in e["tracks"]]
+            for e in holders[: max(0, len(holders) - self.policy[key])]:
+                e["tracks"].remove(track)
+        return [e for e in entries if e["tracks"]]
+
+    def save(self, state: dict[str, Any], epoch: int, iter: int, hold: bool = False) -> None:
+        """Write ``state`` as the checkpoint of ``epoch``, update the manifest, then apply retention."""
+        import torch
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = file_name(epoch)
+        atomic_write(self.folder / name, lambda fh: torch.save(state, fh))
+        old = [e for e in self.entries() if e["epoch"] < epoch]
+        for e in old:  # "latest" only protects the newest checkpoint; a newer one takes it over
+            e["tracks"] = [t for t in e["tracks"] if t != "latest"]
+        entry = {"epoch": epoch, "iter": iter, "file": name, "time": time.time(), "tracks": self._tracks(epoch, hold)}
+        entries = self._retain(old + [entry])
+        if entry not in entries:  # no track wants it, yet a resumable run needs its newest state
+            entries.append({**entry, "tracks": ["latest"]})
+        self._write_manifest(entries)
+        self._remove_unlisted(entries)
+
+    def _remove_unlisted(self, entries: list[dict[str, Any]]) -> None:
+        keep = {e["file"] for e in entries} | {MANIFEST}
+        for path in self.folder.iterdir():
+            if path.is_file() and path.name not in keep and path.name.endswith(".ckpt"):
+                path.unlink(missing_ok=True)
+
+    def _entry(self, epoch: int | None) -> dict[str, Any]:
+        entries = self.entries()
+        if not entries:
+            raise DLNestError(f"{self.folder.parent}: no complete checkpoint to load")
+        if epoch is None:
+            return entries[-1]
+        for e in entries:
+            if e["epoch"] == epoch:
+                return e
+        raise DLNestError(f"{self.folder.parent}: no checkpoint for epoch {epoch} "
+                          f"(available: {', '.join(map(str, self.epochs()))})")
+
+    def load(self, epoch: int | None = None, map_location: Any = "cpu") -> dict[str, Any]:
+        """Load the newest (or the given epoch's) checkpoint.
+
+        ``weights_only=False`` is deliberate: a package's checkpoints are as trusted as its code, which
+        loading it executes anyway, and user state (life cycle, log) may hold any picklable value."""
+        import torch
+
+        entry = self._entry(epoch)
+        path = self.folder / entry["file"]
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        except FileNotFoundError:
+            raise DLNestError(f"{path}: checkpoint file is missing") from None
+        except Exception as exc:  # torch raises many types for a damaged file
+            raise DLNestError(f"{path}: checkpoint is unreadable ({type(exc).__name__}: {exc})") from None
+
+    def rewind(self, epoch: int, attempt: int) -> None:
+        """Continue from ``epoch``: move newer checkpoints aside so they are never taken for the latest."""
+        self._entry(epoch)
+        entries = self.entries()
+        newer = [e for e in entries if e["epoch"] > epoch]
+        if not newer:
+            return
+        aside = self.folder / "abandoned" / f"attempt_{attempt}"
+        aside.mkdir(parents=True, exist_ok=True)
+        self._write_manifest([e for e in entries if e["epoch"] <= epoch])
+        for e in newer:
+            src = self.folder / e["file"]
+            if src.exists():
+                shutil.move(str(src), aside / e["file"])

@@ -1,0 +1,6 @@
+import dlnest_jupyter
+
+
+class LifeCycle(dlnest_jupyter.LifeCycle):
+    def need_continue(self, epoch, log, args):
+        return epoch < args["epochs"]

@@ -1,0 +1,199 @@
+"""The training loop: the user's hooks in the seed's order, metrics, checkpoints and the package record."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from .engine import Run, seed_everything
+from .errors import DLNestError
+from .model import to_device
+from .package import SavePackage, now_iso
+from .usercode import call_user
+
+
+def _scalar(value: Any) -> float | int | None:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else None
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)):
+        return value
+    try:  # numpy scalars
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class MetricsWriter:
+    """Appends one JSON line per step in which log lists grew, with the newest value of each grown list."""
+
+    def __init__(self, path: Path, log: dict[str, Any]):
+        self.path = path
+        self._seen = {k: len(v) for k, v in log.items() if isinstance(v, list)}
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def truncate_after(self, iter: int) -> None:
+        """On continue: drop lines the interrupted attempt wrote after the checkpoint (they are replayed)."""
+        self._fh.close()
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("iter", 0) <= iter]
+        self.path.write_text("".join(kept), encoding="utf-8")
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def update(self, log: dict[str, Any], iter: int, epoch: int) -> dict[str, Any]:
+        row: dict[str, Any] = {}
+        for key, values in log.items():
+            if isinstance(values, list) and len(values) > self._seen.get(key, 0):
+                self._seen[key] = len(values)
+                value = _scalar(values[-1])
+                if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                    row[key] = value
+        if row:
+            self._fh.write(json.dumps({"iter": iter, "epoch": epoch, "time": round(time.time(), 3), **row}) + "\n")
+            self._fh.flush()
+        return row
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class Progress:
+    """A tqdm bar on the terminal's stderr when it is a TTY; silent otherwise (logs stay clean)."""
+
+    def __init__(self, stream: TextIO | None):
+        self._stream = stream if stream is not None and stream.isatty() else None
+        self._bar = None
+
+    def start_epoch(self, epoch: int, epochs: int | None, total: int | None) -> None:
+        if self._stream is None:
+            return
+        from tqdm import tqdm
+
+        label = f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")
+        self._bar = tqdm(total=total, desc=label, file=self._stream, leave=False, dynamic_ncols=True)
+
+    def step(self, metrics: dict[str, Any]) -> None:
+        if self._bar is not None:
+            if metrics:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+            self._bar.update()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _summary(run: Run, seconds: float) -> str:
+    latest = {}
+    for key, values in run.log.items():
+        if isinstance(values, list) and values:
+            v = _scalar(values[-1])
+            if v is not None:
+                latest[key] = v
+    parts = [f"epoch {run.epoch}", f"iter {run.iter}"] + [f"{k} {v:.4g}" for k, v in latest.items()]
+    return "[dlnest] " + " | ".join(parts) + f" | {seconds:.1f}s"
+
+
+def train_loop(run: Run, metrics: MetricsWriter, progress: Progress) -> None:
+    """Train until ``LifeCycle.need_continue`` says stop, saving checkpoints as the life cycle asks."""
+    lc, model, args, code = run.life_cycle, run.model, run.args, run.code_dir
+    hook = lambda name, *a: call_user(code, f"{type(lc).__name__}.{name}", getattr(lc, name), *a)  # noqa: E731
+    user = lambda name, *a: call_user(code, f"{type(model).__name__}.{name}", getattr(model, name), *a)  # noqa: E731
+    epochs = args.get("epochs") if isinstance(args.get("epochs"), int) else None
+    sampler = getattr(run.train_loader, "sampler", None)
+    hook("before_all")
+    while hook("need_continue", run.epoch, run.log, args):
+        started = time.monotonic()
+        hook("before_epoch", run.epoch)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(run.epoch)
+        model.train()
+        try:
+            total = len(run.train_loader)
+        except TypeError:
+            total = None
+        progress.start_epoch(run.epoch, epochs, total)
+        for batch in run.train_loader:
+            hook("before_step", run.iter, run.epoch)
+            user("run_one_step", to_device(batch, run.device), run.log, run.iter, run.epoch)
+            hook("after_step", run.iter, run.epoch)
+            if hook("need_visualize", run.epoch, run.iter, run.log, args):
+                user("visualize", run.log, run.iter, run.epoch)
+            run.iter += 1
+            progress.step(metrics.update(run.log, run.iter, run.epoch))
+        progress.close()
+        run.epoch += 1
+        hook("after_epoch", run.epoch)
+        if hook("need_validation", run.epoch, run.log, args):
+            hook("before_validation")
+            model.eval()
+            user("validate", run.val_loader, run.log)
+            model.train()
+            hook("after_validation")
+            metrics.update(run.log, run.iter, run.epoch)
+        if run.rank == 0 and hook("need_save", run.epoch, run.log, args):
+            hook("before_save")
+            hold = bool(hook("hold_checkpoint", run.epoch, run.log, args))
+            run.checkpoints.save(run.state(), run.epoch, run.iter, hold=hold)
+            hook("after_save")
+        print(_summary(run, time.monotonic() - started), flush=True)
+    hook("after_all")
+
+
+def train(package: SavePackage, device: torch.device, *, resume: bool = False, ckpt: int | None = None,
+          command: list[str] | None = None, progress_stream: TextIO | None = None) -> Run:
+    """Run (or, with ``resume``, continue) the package's training in this process, recording the attempt.
+
+    A continued run restores every RNG stream at the checkpoint's epoch boundary before building any data
+    iterator, so it ends bit-identical to an uninterrupted run on the same hardware."""
+    record = package.record()
+    attempts = list(record.get("attempts", []))
+    attempt = {"n": len(attempts) + 1, "started": now_iso(), "command": command or sys.argv,
+               "device": str(device), "resumed_from": None}
+    attempts.append(attempt)
+    package.update_record(status="running", started=record.get("started") or attempt["started"],
+                          attempts=attempts, devices=[str(device)])
+
+    def finish(status: str, error: str | None = None) -> None:
+        attempt.update(ended=now_iso(), status=status, error=error)
+        package.update_record(status=status, ended=attempt["ended"], attempts=attempts, error=error)
+
+    try:
+        seed = package.config().args.get("seed")
+        if isinstance(seed, int) and not resume:
+            seed_everything(seed)
+        run = Run.build(package, device)
+        if resume:
+            if ckpt is not None:
+                run.checkpoints.rewind(ckpt, attempt["n"])
+            if run.checkpoints.entries():
+                run.restore(ckpt)
+                attempt["resumed_from"] = run.epoch
+                print(f"[dlnest] continuing from the checkpoint of epoch {run.epoch} (iter {run.iter})", flush=True)
+            else:
+                print("[dlnest] no checkpoint yet: starting from the beginning", flush=True)
+        metrics = MetricsWriter(package.metrics_path, run.log)
+        if resume:
+            metrics.truncate_after(run.iter)
+        try:
+            train_loop(run, metrics, Progress(progress_stream))
+        finally:
+            metrics.close()
+    except KeyboardInterrupt:
+        finish("cancelled", "interrupted")
+        raise
+    except DLNestError as exc:
+        finish("failed", str(exc))
+        raise
+    except Exception as exc:
+        finish("failed", f"{type(exc).__name__}: {exc}")
+        raise
+    finish("done")
+    return run
