@@ -98,8 +98,11 @@ def _train(pkg, ns: argparse.Namespace, resume: bool) -> int:
     prepare_import_path(Path(pkg.record()["project_dir"]))
     with tee_output(pkg.output_path()):
         print(f"[dlnest] save package: {pkg.path}", flush=True)
-        train(pkg, device, resume=resume, ckpt=getattr(ns, "ckpt", None), command=[PROG, *sys.argv[1:]],
-              progress_stream=sys.__stderr__)
+        try:
+            train(pkg, device, resume=resume, ckpt=getattr(ns, "ckpt", None), command=[PROG, *sys.argv[1:]],
+                  progress_stream=sys.__stderr__)
+        except DLNestError as exc:  # reported inside the tee, so the package's output keeps it too
+            return _report(exc)
         print(f"[dlnest] done: {pkg.path}", flush=True)
     return 0
 
@@ -133,6 +136,16 @@ def _analyze(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _report(exc: DLNestError) -> int:
+    """One error line; user code that failed mid-run also gets its own frames (ours would not help)."""
+    from .usercode import UserCodeError
+
+    if isinstance(exc, UserCodeError):
+        sys.stderr.write(exc.user_traceback)
+    print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+    return 1 if isinstance(exc, UserCodeError) else 2
+
+
 VERBS = {"new": _new, "run": _run, "continue": _continue, "analyze": _analyze}
 
 
@@ -143,12 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return VERBS[ns.verb](ns)
     except DLNestError as exc:
-        from .usercode import UserCodeError
-
-        if isinstance(exc, UserCodeError) and ns.verb in ("run", "continue", "analyze") and not str(exc).startswith("importing"):
-            sys.stderr.write(exc.user_traceback)
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2 if not isinstance(exc, UserCodeError) else 1
+        return _report(exc)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -17,7 +17,7 @@ from .errors import DLNestError
 from .lifecycle import LifeCycle
 from .model import Model
 from .package import SavePackage
-from .usercode import ROLES, call_user, import_classes
+from .usercode import ROLES, UserCodeError, call_user, import_classes
 
 BASES = {"Model": Model, "Dataset": Dataset, "LifeCycle": LifeCycle}
 
@@ -115,7 +115,17 @@ class Run:
     @classmethod
     def build(cls, package: SavePackage, device: torch.device, *, rank: int = 0, world_size: int = 1,
               private_prefix: str | None = None) -> "Run":
-        """Import the snapshot's classes and run the user's ``init`` hooks."""
+        """Import the snapshot's classes and run the user's ``init`` hooks.
+
+        A failure here is a set-up mistake: it becomes one line naming the user's file, without traceback."""
+        try:
+            return cls._build(package, device, rank, world_size, private_prefix)
+        except UserCodeError as exc:
+            raise DLNestError(str(exc)) from exc
+
+    @classmethod
+    def _build(cls, package: SavePackage, device: torch.device, rank: int, world_size: int,
+               private_prefix: str | None) -> "Run":
         cfg = package.config()
         code = cfg.project_dir
         classes = import_classes(cfg, private_prefix)

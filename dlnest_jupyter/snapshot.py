@@ -71,10 +71,10 @@ class CodeStore:
             rel = path.relative_to(project_dir).as_posix()
             st = path.stat()
             key = str(path)
-            sig = [st.st_size, st.st_mtime_ns, st.st_ino]
+            sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]  # as git's index does
             hit = cache.get(key)
-            if hit and hit[:3] == sig and self._object_path(hit[3]).exists():
-                entries[rel] = hit[3]
+            if hit and hit[:4] == sig and self._object_path(hit[4]).exists():
+                entries[rel] = hit[4]
                 continue
             data = path.read_bytes()  # hash the very bytes we store, even if the file changes meanwhile
             digest = _sha256(data)
@@ -106,10 +106,10 @@ class CodeStore:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _ignore_spec(project_dir: Path) -> pathspec.PathSpec:
+def _ignore_spec(project_dir: Path) -> pathspec.GitIgnoreSpec:
     ignore = project_dir / IGNORE_FILE
     lines = ignore.read_text().splitlines() if ignore.is_file() else []
-    return pathspec.PathSpec.from_lines("gitwildmatch", lines)
+    return pathspec.GitIgnoreSpec.from_lines(lines)
 
 
 def project_files(project_dir: Path, listed: Iterable[Path], excluded: Iterable[Path]) -> list[Path]:
