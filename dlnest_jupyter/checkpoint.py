@@ -10,8 +10,10 @@ Retention follows the seed's three tracks; a checkpoint stays while any track ho
 """
 from __future__ import annotations
 
+import copy
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,12 +30,58 @@ def file_name(epoch: int) -> str:
     return f"epoch_{epoch:06d}.ckpt"
 
 
+def to_host(state: Any) -> Any:
+    """A deep copy whose tensors live in host memory: what a background save may write while training goes on."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: to_host(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)) and not hasattr(state, "_fields"):
+        return type(state)(to_host(v) for v in state)
+    return copy.deepcopy(state)
+
+
 class Checkpoints:
     """The ``checkpoints/`` folder of one package."""
 
     def __init__(self, folder: Path, policy: dict[str, int]):
         self.folder = folder
         self.policy = policy
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save_in_background(self, state: dict[str, Any], epoch: int, iter: int, hold: bool = False) -> None:
+        """Copy ``state`` to host memory, then write it on a thread while training continues.
+
+        Training stalls only for the copy (and for a previous save still in flight)."""
+        self.wait()
+        host = to_host(state)
+
+        def write() -> None:
+            try:
+                self.save(host, epoch, iter, hold)
+            except BaseException as exc:  # surfaced by the next wait(), in the training thread
+                self._error = exc
+
+        self._writer = threading.Thread(target=write, name=f"dlnest-checkpoint-{epoch}", daemon=True)
+        self._writer.start()
+
+    def wait(self, raise_errors: bool = True) -> None:
+        """Block until the background save (if any) is on disk; re-raise its failure."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None and raise_errors:
+            error, self._error = self._error, None
+            raise error
+
+    def clean_partial(self) -> None:
+        """Remove temp files a killed writer left behind (only one attempt writes a package at a time)."""
+        if self.folder.is_dir():
+            for path in self.folder.glob(".*.tmp"):
+                path.unlink(missing_ok=True)
 
     def entries(self) -> list[dict[str, Any]]:
         path = self.folder / MANIFEST

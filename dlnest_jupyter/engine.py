@@ -94,7 +94,10 @@ class Run:
     epoch: int = 0  #: completed epochs
     iter: int = 0  #: completed steps
     checkpoint_epoch: int | None = None  #: the checkpoint loaded, if any
-    extra: dict[str, Any] = field(default_factory=dict)
+    checkpoints: Checkpoints = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.checkpoints = Checkpoints(self.package.checkpoints_dir, self.config.checkpoint_args)
 
     @property
     def args(self) -> dict[str, Any]:
@@ -107,10 +110,6 @@ class Run:
     @property
     def code_dir(self) -> Path:
         return self.config.project_dir
-
-    @property
-    def checkpoints(self) -> Checkpoints:
-        return Checkpoints(self.package.checkpoints_dir, self.config.checkpoint_args)
 
     @classmethod
     def build(cls, package: SavePackage, device: torch.device, *, rank: int = 0, world_size: int = 1,

@@ -53,52 +53,59 @@ class CodeStore:
     def _object_path(self, digest: str) -> Path:
         return self.objects / digest[:2] / digest[2:]
 
-    def _ensure_object(self, digest: str, data: bytes) -> None:
+    def _store(self, source: str) -> str:
+        """Store a file's bytes; hash the very bytes stored, even if the file changes meanwhile."""
+        with open(source, "rb") as fh:
+            data = fh.read()
+        digest = _sha256(data)
         path = self._object_path(digest)
-        if path.exists():
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        tmp.chmod(0o444)  # objects are shared by many packages: never edit one in place
-        os.replace(tmp, path)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            tmp.chmod(0o444)  # objects are shared by many packages: never edit one in place
+            os.replace(tmp, path)
+        return digest
 
-    def add_tree(self, project_dir: Path, files: Iterable[Path]) -> str:
-        """Store ``files`` (absolute, inside ``project_dir``) and return the tree's hash."""
+    def add_tree(self, project_dir: Path, files: dict[str, os.stat_result]) -> str:
+        """Store ``files`` (project-relative posix path -> stat) and return the tree's hash.
+
+        A file whose size, mtime, ctime and inode match the stat cache (git's index rule) is not read."""
         cache = self._load_cache()
+        prefix = f"{project_dir}{os.sep}"
+        seen: dict[str, list] = {}
         entries: dict[str, str] = {}
-        for path in files:
-            rel = path.relative_to(project_dir).as_posix()
-            st = path.stat()
-            key = str(path)
-            sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]  # as git's index does
+        for rel, st in files.items():
+            key = prefix + rel
+            sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
             hit = cache.get(key)
-            if hit and hit[:4] == sig and self._object_path(hit[4]).exists():
-                entries[rel] = hit[4]
-                continue
-            data = path.read_bytes()  # hash the very bytes we store, even if the file changes meanwhile
-            digest = _sha256(data)
-            self._ensure_object(digest, data)
-            cache[key] = [*sig, digest]
+            digest = hit[4] if hit and hit[:4] == sig else self._store(key)
+            seen[key] = [*sig, digest]
             entries[rel] = digest
         manifest = json.dumps(sorted(entries.items()), separators=(",", ":"))
         tree_id = _sha256(manifest.encode())[:32]
         tree = self.trees / tree_id
         if not tree.exists():
-            self._build_tree(tree, entries)
-        atomic_write_text(self._cache_path, json.dumps(cache))
+            self._build_tree(tree, entries, prefix)
+        fresh = {k: v for k, v in cache.items() if not k.startswith(prefix)} | seen  # forget deleted files
+        if fresh != cache:
+            atomic_write_text(self._cache_path, json.dumps(fresh))
         return tree_id
 
-    def _build_tree(self, tree: Path, entries: dict[str, str]) -> None:
+    def _build_tree(self, tree: Path, entries: dict[str, str], prefix: str) -> None:
         tmp = tree.with_name(f".{tree.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         for rel, digest in entries.items():
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
+            obj = self._object_path(digest)
+            if not obj.exists():  # the cache outlived the store (store pruned by hand): store it again
+                digest = self._store(prefix + rel)
+                obj = self._object_path(digest)
             try:
-                os.link(self._object_path(digest), dest)
+                os.link(obj, dest)
             except OSError:  # no hard links on this filesystem: a copy still keeps the promise
-                shutil.copyfile(self._object_path(digest), dest)
+                shutil.copyfile(obj, dest)
         tmp.mkdir(parents=True, exist_ok=True)  # an empty project still gets a tree
         try:
             os.rename(tmp, tree)
@@ -112,37 +119,46 @@ def _ignore_spec(project_dir: Path) -> pathspec.GitIgnoreSpec:
     return pathspec.GitIgnoreSpec.from_lines(lines)
 
 
-def project_files(project_dir: Path, listed: Iterable[Path], excluded: Iterable[Path]) -> list[Path]:
-    """The project's source files plus every listed file; excluded folders (saves, data) are never entered."""
+def _walk(top: str, rel_top: str, spec: pathspec.GitIgnoreSpec, excluded: set[str], any_suffix: bool,
+          out: dict[str, os.stat_result]) -> None:
+    """Collect files under ``top`` (``rel_top`` relative to the project) into ``out``; strings, not Paths,
+    because this runs once per file of projects with thousands of them."""
+    with os.scandir(top) as it:
+        for entry in it:
+            rel = f"{rel_top}{entry.name}"
+            if entry.is_dir(follow_symlinks=False):
+                if entry.name not in ALWAYS_IGNORED and entry.path not in excluded and not spec.match_file(rel + "/"):
+                    _walk(entry.path, rel + "/", spec, excluded, any_suffix, out)
+            elif entry.is_file() and (any_suffix or os.path.splitext(entry.name)[1] in SOURCE_SUFFIXES):
+                if not spec.match_file(rel):
+                    out[rel] = entry.stat()
+
+
+def project_files(project_dir: Path, listed: Iterable[Path], excluded: Iterable[Path]) -> dict[str, os.stat_result]:
+    """The project's source files plus every listed file or folder, as relative posix path -> stat.
+
+    Excluded folders (saves, data), VCS/venv/cache folders and ``.dlnestignore`` patterns are never entered."""
     project_dir = project_dir.resolve()
-    excluded = {p.resolve() for p in excluded}
     spec = _ignore_spec(project_dir)
-    found: set[Path] = set()
-    for dirpath, dirnames, filenames in os.walk(project_dir):
-        here = Path(dirpath)
-        rel_dir = here.relative_to(project_dir)
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if d not in ALWAYS_IGNORED
-            and (here / d) not in excluded
-            and not spec.match_file((rel_dir / d).as_posix() + "/")
-        )
-        for name in filenames:
-            rel = (rel_dir / name).as_posix()
-            if Path(name).suffix in SOURCE_SUFFIXES and not spec.match_file(rel):
-                found.add(here / name)
+    skip = {str(p.resolve()) for p in excluded}
+    found: dict[str, os.stat_result] = {}
+    _walk(str(project_dir), "", spec, skip, False, found)
     for path in listed:
         path = path.resolve()
         if not path.is_relative_to(project_dir):
             raise DLNestError(f"{path} is outside the project folder {project_dir}: snapshots hold only its files")
-        found.update(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else found.add(path)
-    return sorted(found)
+        rel = path.relative_to(project_dir).as_posix()
+        if path.is_dir():
+            _walk(str(path), rel + "/", spec, skip, True, found)
+        else:
+            found[rel] = path.stat()
+    return dict(sorted(found.items()))
 
 
 def snapshot(project_dir: Path, save_root: Path, listed: Iterable[Path], excluded: Iterable[Path],
              dest: Path) -> str:
     """Snapshot the project into the store and point ``dest`` (a package's ``code``) at it. Returns the tree id."""
+    project_dir = project_dir.resolve()
     store = CodeStore(save_root)
     tree_id = store.add_tree(project_dir, project_files(project_dir, listed, [save_root, *excluded]))
     os.symlink(os.path.relpath(store.trees / tree_id, dest.parent), dest, target_is_directory=True)

@@ -10,8 +10,10 @@ from typing import Any, TextIO
 
 import torch
 
+from .checkpoint import Checkpoints
 from .engine import Run, seed_everything
 from .errors import DLNestError
+from .fsutil import atomic_write_text
 from .model import to_device
 from .package import SavePackage, now_iso
 from .usercode import call_user
@@ -31,19 +33,30 @@ def _scalar(value: Any) -> float | int | None:
 
 
 class MetricsWriter:
-    """Appends one JSON line per step in which log lists grew, with the newest value of each grown list."""
+    """Appends one JSON line per step in which log lists grew, with the newest value of each grown list.
 
-    def __init__(self, path: Path, log: dict[str, Any]):
+    Lines reach the file at most ``flush_every`` seconds late: readers tail it, and a flush per step would
+    cost the training loop a system call per step."""
+
+    def __init__(self, path: Path, log: dict[str, Any], flush_every: float = 0.5):
         self.path = path
         self._seen = {k: len(v) for k, v in log.items() if isinstance(v, list)}
         self._fh = open(path, "a", encoding="utf-8")
+        self._flush_every = flush_every
+        self._flushed = time.monotonic()
 
     def truncate_after(self, iter: int) -> None:
         """On continue: drop lines the interrupted attempt wrote after the checkpoint (they are replayed)."""
         self._fh.close()
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("iter", 0) <= iter]
-        self.path.write_text("".join(kept), encoding="utf-8")
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short by the kill
+                continue
+            if row.get("iter", 0) <= iter:
+                kept.append(line + "\n")
+        atomic_write_text(self.path, "".join(kept), durable=True)
         self._fh = open(self.path, "a", encoding="utf-8")
 
     def update(self, log: dict[str, Any], iter: int, epoch: int) -> dict[str, Any]:
@@ -56,8 +69,13 @@ class MetricsWriter:
                     row[key] = value
         if row:
             self._fh.write(json.dumps({"iter": iter, "epoch": epoch, "time": round(time.time(), 3), **row}) + "\n")
-            self._fh.flush()
+            if time.monotonic() - self._flushed >= self._flush_every:
+                self.flush()
         return row
+
+    def flush(self) -> None:
+        self._fh.flush()
+        self._flushed = time.monotonic()
 
     def close(self) -> None:
         self._fh.close()
@@ -138,12 +156,14 @@ def train_loop(run: Run, metrics: MetricsWriter, progress: Progress) -> None:
             model.train()
             hook("after_validation")
             metrics.update(run.log, run.iter, run.epoch)
+        metrics.flush()
         if run.rank == 0 and hook("need_save", run.epoch, run.log, args):
             hook("before_save")
             hold = bool(hook("hold_checkpoint", run.epoch, run.log, args))
-            run.checkpoints.save(run.state(), run.epoch, run.iter, hold=hold)
+            run.checkpoints.save_in_background(run.state(), run.epoch, run.iter, hold=hold)
             hook("after_save")
         print(_summary(run, time.monotonic() - started), flush=True)
+    run.checkpoints.wait()
     hook("after_all")
 
 
@@ -155,6 +175,9 @@ def train(package: SavePackage, device: torch.device, *, resume: bool = False, c
     iterator, so it ends bit-identical to an uninterrupted run on the same hardware."""
     record = package.record()
     attempts = list(record.get("attempts", []))
+    for earlier in attempts:  # an attempt that never recorded its end was killed
+        if "ended" not in earlier:
+            earlier["status"] = "interrupted"
     attempt = {"n": len(attempts) + 1, "started": now_iso(), "command": command or sys.argv,
                "device": str(device), "resumed_from": None}
     attempts.append(attempt)
@@ -166,14 +189,16 @@ def train(package: SavePackage, device: torch.device, *, resume: bool = False, c
         package.update_record(status=status, ended=attempt["ended"], attempts=attempts, error=error)
 
     try:
-        seed = package.config().args.get("seed")
-        if isinstance(seed, int) and not resume:
-            seed_everything(seed)
+        cfg = package.config()
+        resuming = resume and bool(Checkpoints(package.checkpoints_dir, cfg.checkpoint_args).entries())
+        if isinstance(cfg.args.get("seed"), int) and not resuming:
+            seed_everything(cfg.args["seed"])  # a continue with nothing saved yet replays the fresh start
         run = Run.build(package, device)
+        run.checkpoints.clean_partial()
         if resume:
             if ckpt is not None:
                 run.checkpoints.rewind(ckpt, attempt["n"])
-            if run.checkpoints.entries():
+            if resuming:
                 run.restore(ckpt)
                 attempt["resumed_from"] = run.epoch
                 print(f"[dlnest] continuing from the checkpoint of epoch {run.epoch} (iter {run.iter})", flush=True)
@@ -186,6 +211,7 @@ def train(package: SavePackage, device: torch.device, *, resume: bool = False, c
             train_loop(run, metrics, Progress(progress_stream))
         finally:
             metrics.close()
+            run.checkpoints.wait(raise_errors=False)  # an in-flight save still lands if the loop failed
     except KeyboardInterrupt:
         finish("cancelled", "interrupted")
         raise

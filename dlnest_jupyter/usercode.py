@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -105,9 +106,44 @@ def _load_module(path: Path, name: str) -> ModuleType:
     return module
 
 
+def _module_files(module: ModuleType) -> list[str]:
+    """A module's file and, for a package, its folders (only real string paths)."""
+    paths = [getattr(module, "__file__", None)]
+    try:
+        paths += list(getattr(module, "__path__", None) or [])
+    except TypeError:  # some extension modules expose a non-iterable __path__
+        pass
+    return [p for p in paths if isinstance(p, str)]
+
+
 def _owned_by(module: ModuleType, root: Path) -> bool:
-    paths = [getattr(module, "__file__", None), *list(getattr(module, "__path__", []) or [])]
-    return any(p and Path(p).resolve().is_relative_to(root) for p in paths)
+    return any(Path(p).resolve().is_relative_to(root) for p in _module_files(module))
+
+
+#: Code snapshots imported under their plain module names in this process.
+_imported_snapshots: set[str] = set()
+
+
+def _forget_other_snapshots(code_dir: str) -> None:
+    """Drop modules and ``sys.path`` entries of snapshots imported earlier in this process, so that
+    ``import Model.MNISTCNN`` in this package cannot resolve to another package's module."""
+    others = tuple(f"{d}{os.sep}" for d in _imported_snapshots - {code_dir})
+    if not others:
+        return
+    sys.path[:] = [p for p in sys.path if f"{p}{os.sep}" not in others]
+    for name, module in list(sys.modules.items()):
+        if any(f.startswith(others) for f in _module_files(module)):
+            del sys.modules[name]
+
+
+def _rename(module: ModuleType, old: str, new: str) -> None:
+    """Re-register a module (and the classes it defines) under a new name, so pickling still finds them."""
+    del sys.modules[old]
+    sys.modules[new] = module
+    module.__name__ = new
+    for value in vars(module).values():
+        if isinstance(value, type) and value.__module__ == old:
+            value.__module__ = new
 
 
 def import_classes(cfg: ProjectConfig, private_prefix: str | None = None) -> dict[str, type]:
@@ -119,6 +155,9 @@ def import_classes(cfg: ProjectConfig, private_prefix: str | None = None) -> dic
     functions, then resolve to whatever ``sys.path`` holds at that time)."""
     code_dir = cfg.project_dir
     root = code_dir.resolve()
+    if not private_prefix:
+        _forget_other_snapshots(str(code_dir))
+        _imported_snapshots.add(str(code_dir))
     sys.path.insert(0, str(code_dir))
     before = set(sys.modules)
     classes: dict[str, type] = {}
@@ -138,6 +177,5 @@ def import_classes(cfg: ProjectConfig, private_prefix: str | None = None) -> dic
             for name in set(sys.modules) - before:
                 module = sys.modules[name]
                 if _owned_by(module, root):
-                    del sys.modules[name]
-                    sys.modules[f"{private_prefix}.{name}"] = module
+                    _rename(module, name, f"{private_prefix}.{name}")
     return classes

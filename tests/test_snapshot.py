@@ -32,14 +32,13 @@ def _project(root: Path) -> Path:
     return root
 
 
-def _rel(root: Path, files: list[Path]) -> list[str]:
-    return [f.relative_to(root).as_posix() for f in files]
-
-
 def test_selection_follows_sources_listed_files_and_ignores(tmp_path: Path):
     root = _project(tmp_path / "proj")
     files = project_files(root, listed=[root / "assets/vocab.bin"], excluded=[root / "Saves", root / "data"])
-    assert _rel(root, files) == ["assets/vocab.bin", "pkg/conf.yaml", "pkg/mod.py", "train.py"]
+    assert list(files) == ["assets/vocab.bin", "pkg/conf.yaml", "pkg/mod.py", "train.py"]
+    (root / "pkg" / "blob.bin").write_text("listed folders take any file, minus ignores")
+    files = project_files(root, listed=[root / "pkg"], excluded=[root / "Saves", root / "data"])
+    assert list(files) == ["pkg/blob.bin", "pkg/conf.yaml", "pkg/mod.py", "train.py"]
 
 
 def test_listed_file_outside_project_is_refused(tmp_path: Path):
