@@ -37,7 +37,7 @@ from dlnest_jupyter.package import SavePackage
 from dlnest_jupyter.scaffold import new_project
 from dlnest_jupyter.training import train
 
-EPOCHS, MAX_ROUNDS, MIN_ROUNDS, BUDGET_S = 4, 15, 5, 110.0
+EPOCHS, MAX_ROUNDS, MIN_ROUNDS, BUDGET_S = 8, 15, 5, 150.0
 GOAL = 1.02
 
 _fsync_s = 0.0

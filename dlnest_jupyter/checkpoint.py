@@ -31,16 +31,35 @@ def file_name(epoch: int) -> str:
 
 
 def to_host(state: Any) -> Any:
-    """A deep copy whose tensors live in host memory: what a background save may write while training goes on."""
+    """A deep copy whose tensors live in host memory: what a background save may write while training goes on.
+
+    ``deepcopy`` keeps container types (OrderedDict, a state dict's ``_metadata``); the memo hands it a host
+    copy of each tensor. Tensors sharing a storage (tied weights) keep sharing one copy, as in ``torch.save``."""
     import torch
 
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {k: to_host(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)) and not hasattr(state, "_fields"):
-        return type(state)(to_host(v) for v in state)
-    return copy.deepcopy(state)
+    memo: dict[int, Any] = {}
+    storages: dict[tuple[int, str], Any] = {}
+
+    def host(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), str(t.device))
+        if key not in storages:
+            storages[key] = storage.clone() if t.device.type == "cpu" else storage.cpu()
+        return torch.empty(0, dtype=t.dtype).set_(storages[key], t.storage_offset(), t.size(), t.stride())
+
+    def collect(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in memo:
+                memo[id(obj)] = host(obj.detach())
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                collect(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                collect(value)
+
+    collect(state)
+    return copy.deepcopy(state, memo)
 
 
 class Checkpoints:

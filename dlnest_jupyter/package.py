@@ -90,7 +90,8 @@ class SavePackage:
             raise DLNestError(f"{self.record_path}: unreadable record ({exc})") from None
 
     def write_record(self, record: dict[str, Any]) -> None:
-        atomic_write_json(self.record_path, record)
+        """Replaced atomically (never half-written); not fsynced: checkpoints carry the durable state."""
+        atomic_write_json(self.record_path, record, durable=False)
 
     def update_record(self, **changes: Any) -> dict[str, Any]:
         record = {**self.record(), **changes}

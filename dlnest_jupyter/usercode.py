@@ -132,6 +132,9 @@ def _forget_other_snapshots(code_dir: str) -> None:
         return
     sys.path[:] = [p for p in sys.path if f"{p}{os.sep}" not in others]
     for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str) and not file.startswith(others):
+            continue  # the common case, decided without looking further
         if any(f.startswith(others) for f in _module_files(module)):
             del sys.modules[name]
 

@@ -49,6 +49,21 @@ def test_background_save_lands_and_copies_state_first(tmp_path: Path):
     assert torch.equal(ck.load()["w"], torch.ones(1000))
 
 
+def test_host_copy_keeps_state_dict_types_and_shared_tensors():
+    from dlnest_jupyter.checkpoint import to_host
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    net[1].weight = net[0].weight  # tied weights
+    sd = net.state_dict()
+    copy = to_host({"net": sd, "rng": (1, 2, 3)})
+    assert type(copy["net"]) is type(sd) and copy["net"]._metadata == sd._metadata
+    w0, w1 = copy["net"]["0.weight"], copy["net"]["1.weight"]
+    assert w0.untyped_storage().data_ptr() == w1.untyped_storage().data_ptr()  # still tied
+    assert w0.data_ptr() != sd["0.weight"].data_ptr() and torch.equal(w0, sd["0.weight"])
+    assert torch.equal(copy["net"]["0.bias"], sd["0.bias"]) and copy["net"]["0.bias"].data_ptr() != sd["0.bias"].data_ptr()
+    assert copy["rng"] == (1, 2, 3)
+
+
 def test_missing_and_broken_checkpoints_are_clear_errors(tmp_path: Path):
     ck = Checkpoints(tmp_path, _policy())
     with pytest.raises(DLNestError, match="no complete checkpoint"):
