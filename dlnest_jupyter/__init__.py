@@ -8,23 +8,38 @@ from typing import Any
 from .errors import DLNestError
 
 __version__ = "0.1.0"
-__all__ = ["Model", "Dataset", "LifeCycle", "DLNestError", "load", "analyze", "new_project"]
+__all__ = ["Model", "Dataset", "LifeCycle", "DLNestError", "load", "analyze", "new_project", "run", "continue_",
+           "cancel", "task", "tasks", "Task", "load_ipython_extension"]
 
 _LAZY = {
-    "Model": ".model",
-    "Dataset": ".dataset",
-    "LifeCycle": ".lifecycle",
-    "load": ".analysis",
-    "analyze": ".analysis",
-    "new_project": ".scaffold",
+    "run": (".api", "submit"),
+    "continue_": (".api", "continue_"),
+    "cancel": (".api", "cancel"),
+    "task": (".api", "task"),
+    "tasks": (".api", "tasks"),
+    "Task": (".api", "Task"),
+    "Model": (".model", "Model"),
+    "Dataset": (".dataset", "Dataset"),
+    "LifeCycle": (".lifecycle", "LifeCycle"),
+    "load": (".analysis", "load"),
+    "analyze": (".analysis", "analyze"),
+    "new_project": (".scaffold", "new_project"),
 }
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext dlnest_jupyter``: the magics and this kernel's dispatcher (torch stays unimported)."""
+    from .magics import load
+
+    load(ipython)
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module, __name__), attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

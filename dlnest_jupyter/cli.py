@@ -49,35 +49,92 @@ def tee_output(path: Path) -> Iterator[None]:
             sys.stdout, sys.stderr = old
 
 
+class Parser(argparse.ArgumentParser):
+    """Bad arguments become a ``DLNestError`` (one line), in a terminal and in a notebook alike."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise DLNestError(f"{self.prog}: {message}")
+
+
+def _positive_mb(text: str) -> int:
+    try:
+        value = int(float(text))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"-m must be a positive number of MiB, got {text!r}")
+    return value
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", required=True, metavar="ROOT", help="the project's root_config.json")
+    p.add_argument("-f", "--freq", metavar="FREQ", help="a freq config merged last (before --set)")
+    p.add_argument("-d", "--description", default="", metavar="DESC", help="kept in record.json")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (dotted key, JSON value); repeatable")
+
+
+def add_continue_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-r", "--record", required=True, metavar="PKG", help="the save package folder")
+    p.add_argument("--ckpt", type=int, metavar="N", help="continue from epoch N's checkpoint")
+
+
+def add_queue_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--memory", type=_positive_mb, metavar="MB", help="GPU memory to reserve (MiB)")
+    p.add_argument("--priority", type=int, default=0, metavar="N", help="higher starts first (default 0)")
+    p.add_argument("--attached", action="store_true", help="end the task when this process ends")
+
+
+def add_cpu_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu", "-CPU", action="store_true", help="run on the CPU")
+
+
+def add_new_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--mnist", "-MNIST", action="store_true", help="the complete MNIST example")
+
+
+def magic_parser(prog: str, *adders) -> Parser:
+    """A parser for a magic, built from the same argument definitions as the CLI verb."""
+    p = Parser(prog=prog, add_help=True)
+    for add in adders:
+        add(p)
+    return p
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="DLNest-style experiments: save packages, "
-                                "resumable training and analysis.")
-    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = Parser(prog=PROG, description="DLNest-style experiments: save packages, resumable training, analysis "
+               "and a GPU task queue.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=Parser)
 
-    new = sub.add_parser("new", help="scaffold a project (clean, or the complete MNIST example)")
-    new.add_argument("directory", metavar="DIR")
-    new.add_argument("-d", dest="directory_flag", metavar="DIR", help=argparse.SUPPRESS)  # seed spelling
-    new.add_argument("--mnist", "-MNIST", action="store_true", help="the complete MNIST-style example")
-
+    add_new_arguments(sub.add_parser("new", help="scaffold a project (clean, or the complete MNIST example)"))
     run = sub.add_parser("run", help="train in the foreground into a new save package")
-    run.add_argument("-c", "--config", required=True, metavar="ROOT", help="the project's root_config.json")
-    run.add_argument("-f", "--freq", metavar="FREQ", help="a freq config merged last (before --set)")
-    run.add_argument("-d", "--description", default="", metavar="DESC", help="kept in record.json")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value (dotted key, JSON value); repeatable")
-
-    cont = sub.add_parser("continue", help="resume a package from its newest (or --ckpt N) checkpoint")
-    cont.add_argument("-r", "--record", required=True, metavar="PKG", help="the save package folder")
-    cont.add_argument("--ckpt", type=int, metavar="N", help="continue from epoch N's checkpoint")
-
+    add_run_arguments(run)
+    cont = sub.add_parser("continue", help="resume a package in the foreground from its newest (or --ckpt N) "
+                          "checkpoint")
+    add_continue_arguments(cont)
     ana = sub.add_parser("analyze", help="run one analysis script against a package")
     ana.add_argument("-r", "--record", required=True, metavar="PKG", help="the save package folder")
     ana.add_argument("-s", "--script", required=True, metavar="SCRIPT",
                      help="a name in AnalyzeScripts/ (e.g. getAcc) or a path to a .py file")
     ana.add_argument("--ckpt", type=int, metavar="N", help="load epoch N's checkpoint (default: newest)")
-
-    for cmd in (run, cont, ana):
-        cmd.add_argument("--cpu", "-CPU", action="store_true", help="run on the CPU")
+    submit = sub.add_parser("submit", help="queue a training task (placed on a GPU, run in the background)")
+    add_run_arguments(submit)
+    add_queue_arguments(submit)
+    resubmit = sub.add_parser("resubmit", help="queue a continue of a package (background)")
+    add_continue_arguments(resubmit)
+    add_queue_arguments(resubmit)
+    tasks = sub.add_parser("tasks", help="list this user's tasks, newest first")
+    tasks.add_argument("--active", action="store_true", help="only queued, starting and running tasks")
+    dele = sub.add_parser("del", help="stop a task (its whole process tree)")
+    dele.add_argument("task_id", metavar="ID")
+    sub.add_parser("gpus", help="list GPUs (memory used/reserved/free) and CPU/RAM")
+    worker = sub.add_parser("worker")  # the supervisor's child: trains a package whose output it redirects
+    worker.add_argument("--package", required=True)
+    worker.add_argument("--resume", action="store_true")
+    worker.add_argument("--ckpt", type=int)
+    for cmd in (run, cont, ana, submit, resubmit, worker):
+        add_cpu_argument(cmd)
     return p
 
 
@@ -127,6 +184,83 @@ def _continue(ns: argparse.Namespace) -> int:
     return _train(SavePackage.open(ns.record), ns, resume=True)
 
 
+def _submit(ns: argparse.Namespace) -> int:
+    from . import api
+
+    task = api.submit(ns.config, freq=ns.freq, overrides=ns.overrides, description=ns.description, cpu=ns.cpu,
+                      memory_mb=ns.memory, priority=ns.priority, attached=ns.attached, command=[PROG, *sys.argv[1:]])
+    _dispatch_now()
+    print(task.id)
+    return 0
+
+
+def _resubmit(ns: argparse.Namespace) -> int:
+    from . import api
+
+    task = api.continue_(ns.record, cpu=ns.cpu, memory_mb=ns.memory, ckpt=ns.ckpt, priority=ns.priority,
+                         attached=ns.attached, command=[PROG, *sys.argv[1:]])
+    _dispatch_now()
+    print(task.id)
+    return 0
+
+
+def _dispatch_now() -> None:
+    """A terminal has no dispatcher thread: try once now; a kernel or ``serve`` picks up the rest."""
+    from . import api
+    from .scheduler import dispatch_once
+
+    dispatch_once(api.ledger())
+
+
+def _tasks(ns: argparse.Namespace) -> int:
+    from .listing import tasks_table
+
+    print(tasks_table(active_only=ns.active))
+    return 0
+
+
+def _del(ns: argparse.Namespace) -> int:
+    from . import api
+
+    print(repr(api.cancel(ns.task_id)))
+    return 0
+
+
+def _gpus(ns: argparse.Namespace) -> int:
+    from .listing import gpus_table
+
+    print(gpus_table())
+    return 0
+
+
+def _worker(ns: argparse.Namespace) -> int:
+    """Runs under a supervisor: output already goes to the package; SIGTERM ends training cleanly."""
+    import signal
+
+    from .engine import prepare_import_path, resolve_device
+    from .package import SavePackage
+    from .training import train
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    pkg = SavePackage.open(ns.package)
+    prepare_import_path(Path(pkg.record()["project_dir"]))
+    device = resolve_device(ns.cpu)
+    if not ns.resume:
+        from .envinfo import capture_env
+
+        capture_env(pkg.env_dir, Path(pkg.record()["project_dir"]))
+    print(f"[dlnest] {os.environ.get('DLNEST_TASK_ID', 'task')} on {device}: {pkg.path}", flush=True)
+    try:
+        train(pkg, device, resume=ns.resume, ckpt=ns.ckpt, command=[PROG, *sys.argv[1:]])
+    except DLNestError as exc:
+        return _report(exc)
+    print(f"[dlnest] done: {pkg.path}", flush=True)
+    return 0
+
+
 def _analyze(ns: argparse.Namespace) -> int:
     from .analysis import analyze_in_foreground
 
@@ -146,14 +280,13 @@ def _report(exc: DLNestError) -> int:
     return 1 if isinstance(exc, UserCodeError) else 2
 
 
-VERBS = {"new": _new, "run": _run, "continue": _continue, "analyze": _analyze}
+VERBS = {"new": _new, "run": _run, "continue": _continue, "analyze": _analyze, "submit": _submit,
+         "resubmit": _resubmit, "tasks": _tasks, "del": _del, "gpus": _gpus, "worker": _worker}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = _parser().parse_args(argv)
-    if ns.verb == "new" and ns.directory_flag:
-        ns.directory = ns.directory_flag
     try:
+        ns = _parser().parse_args(argv)
         return VERBS[ns.verb](ns)
     except DLNestError as exc:
         return _report(exc)

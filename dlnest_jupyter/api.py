@@ -1,0 +1,209 @@
+"""The Python face of the scheduler: submit, inspect and cancel tasks. Magics and the CLI call these.
+
+Everything here reads and writes the ledger; a ``Task`` holds only an id, so handles stay true across
+kernels and restarts."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import devices
+from .config import load_config
+from .errors import DLNestError
+from .ledger import ACTIVE, FINAL, Ledger
+from .package import SavePackage
+
+_ledger: Ledger | None = None
+_wake = None  # set by a live dispatcher in this process, so a submission starts without waiting for a poll
+
+
+def ledger() -> Ledger:
+    """This user's ledger, opened once per process."""
+    global _ledger
+    if _ledger is None or str(_ledger.path) != str(Ledger.default_path()):
+        _ledger = Ledger()
+    return _ledger
+
+
+def set_waker(wake: Any) -> None:
+    global _wake
+    _wake = wake
+
+
+def _kick() -> None:
+    if _wake is not None:
+        _wake()
+
+
+def _config_hash(args: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_placeable(cpu: bool, memory_mb: int | None) -> None:
+    """Refuse now what the dispatcher could never place (one clear line, nothing created)."""
+    if memory_mb is not None and memory_mb <= 0:
+        raise DLNestError(f"-m must be a positive number of MiB, got {memory_mb}")
+    if cpu:
+        return
+    gpus = devices.gpus()
+    if not gpus:
+        raise DLNestError(devices.no_gpu_message())
+    largest = max(g.total_mb for g in gpus)
+    if memory_mb and memory_mb > largest:
+        raise DLNestError(f"-m {memory_mb} MiB can never fit: the largest GPU has {largest} MiB")
+
+
+def _owner(attached: bool) -> dict[str, Any] | None:
+    if not attached:
+        return None
+    import psutil
+
+    me = psutil.Process()
+    return {"pid": me.pid, "started": me.create_time()}
+
+
+def _enqueue(kind: str, package: SavePackage, request: dict[str, Any], *, priority: int, config_hash: str | None,
+             description: str, command: list[str]) -> "Task":
+    record = package.record()
+    prefix = "A_" if kind == "analyze" else "T_"
+    task_id = prefix + (record["id"] if kind == "train" else uuid.uuid4().hex[:6])
+    with ledger().transaction() as db:
+        ledger().insert(db, {
+            "id": task_id, "kind": kind, "status": "queued", "priority": priority,
+            "project": record.get("project_dir"), "package": str(package.path), "config_hash": config_hash,
+            "request": request, "description": description, "command": command, "created": time.time(),
+        })
+    if kind == "train":
+        package.update_record(task_id=task_id)
+    _kick()
+    return Task(task_id)
+
+
+def submit(config: str | Path, *, freq: str | Path | None = None, overrides: Iterable[str] = (),
+           description: str = "", cpu: bool = False, memory_mb: int | None = None, priority: int = 0,
+           attached: bool = False, command: list[str] | None = None) -> "Task":
+    """Queue a training task: its code snapshot is taken now; it starts when a device (or CPU slot) is free."""
+    cfg = load_config(config, freq, list(overrides))
+    _check_placeable(cpu, memory_mb)
+    package = SavePackage.create(cfg, command=command or ["submit", str(config)], description=description)
+    request = {"cpu": cpu, "memory_mb": memory_mb, "gpus": 0 if cpu else 1, "attached": _owner(attached)}
+    return _enqueue("train", package, request, priority=priority, config_hash=_config_hash(cfg.args),
+                    description=description, command=command or [])
+
+
+def continue_(record_path: str | Path, *, cpu: bool = False, memory_mb: int | None = None, ckpt: int | None = None,
+              priority: int = 0, attached: bool = False, command: list[str] | None = None) -> "Task":
+    """Queue a ``continue`` of a package (with its own code) from its newest or ``ckpt``'s checkpoint."""
+    package = SavePackage.open(record_path)
+    busy = [t for t in ledger().tasks(ACTIVE) if t["package"] == str(package.path)]
+    if busy:
+        raise DLNestError(f"{busy[0]['id']} is still {busy[0]['status']} on this package; del it first")
+    _check_placeable(cpu, memory_mb)
+    args = json.loads(package.config_path.read_text())
+    request = {"cpu": cpu, "memory_mb": memory_mb, "gpus": 0 if cpu else 1, "ckpt": ckpt, "attached": _owner(attached)}
+    return _enqueue("continue", package, request, priority=priority, config_hash=_config_hash(args),
+                    description=package.record().get("description", ""), command=command or [])
+
+
+def _resolve(task_id: str) -> dict[str, Any]:
+    row = ledger().get(task_id)
+    if row is None:
+        raise DLNestError(f"unknown task id {task_id!r} (see %dlnest_tasks)")
+    return row
+
+
+def cancel(task_id: str, timeout: float = 30.0) -> "Task":
+    """Stop a task: a queued one never starts; a running one's whole process tree ends (status cancelled)."""
+    from .scheduler import process_alive
+    from .supervisor import kill_tree
+
+    row = _resolve(task_id)
+    if row["status"] in FINAL:
+        return Task(task_id)
+    if row["status"] == "queued" and ledger().finish(task_id, "cancelled", error="cancelled while queued"):
+        return Task(task_id)
+    with ledger().transaction() as db:
+        ledger().update(db, task_id, cancel_requested=1)
+    row = ledger().get(task_id)
+    if process_alive(row["supervisor_pid"], row["supervisor_started"]):
+        os.kill(row["supervisor_pid"], signal.SIGTERM)
+    task = Task(task_id)
+    if task.wait(timeout, raise_on_timeout=False) not in FINAL:
+        # the supervisor is gone or stuck: end the worker's tree from here and record it ourselves
+        import psutil
+
+        row = ledger().get(task_id)
+        if process_alive(row["worker_pid"], row["worker_started"]):
+            kill_tree(psutil.Process(row["worker_pid"]))
+        ledger().finish(task_id, "cancelled", error="cancelled (supervisor did not answer)")
+    return task
+
+
+def task(task_id: str) -> "Task":
+    _resolve(task_id)
+    return Task(task_id)
+
+
+def tasks(active_only: bool = False) -> list["Task"]:
+    """This user's tasks (every kernel's), newest first."""
+    return [Task(r["id"]) for r in ledger().tasks(ACTIVE if active_only else None)]
+
+
+class Task:
+    """A handle on one task; every property reads the ledger, so it is never stale."""
+
+    def __init__(self, task_id: str):
+        self.id = task_id
+
+    @property
+    def row(self) -> dict[str, Any]:
+        return _resolve(self.id)
+
+    status = property(lambda self: self.row["status"])
+    devices = property(lambda self: self.row["placement"] or [])
+    error = property(lambda self: self.row["error"])
+
+    @property
+    def record_path(self) -> Path:
+        return Path(self.row["package"]) / "record.json"
+
+    @property
+    def package(self) -> Path:
+        return Path(self.row["package"])
+
+    def wait(self, timeout: float | None = None, raise_on_timeout: bool = True) -> str:
+        """Block until the task ends; returns its final status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (status := self.status) not in FINAL:
+            if deadline is not None and time.monotonic() > deadline:
+                if raise_on_timeout:
+                    raise TimeoutError(f"{self.id} still {status} after {timeout} s")
+                return status
+            time.sleep(0.1)
+        return status
+
+    def output(self, tail: int | None = None) -> str:
+        path = SavePackage(self.package).output_path()
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-tail:]) if tail else text
+
+    def cancel(self) -> "Task":
+        return cancel(self.id)
+
+    def __repr__(self) -> str:
+        row = self.row
+        where = ",".join(row["placement"] or []) or ("cpu" if row["request"].get("cpu") else "-")
+        extra = f" error={row['error']!r}" if row["status"] == "failed" and row["error"] else ""
+        return f"<Task {self.id} {row['kind']} {row['status']} on {where} package={row['package']}{extra}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Task) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)

@@ -1,0 +1,63 @@
+"""Plain-text views of the ledger and the devices (``%dlnest_tasks``, ``%dlnest_gpus`` and the CLI)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from . import devices
+from .ledger import ACTIVE
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def tasks_table(active_only: bool = False) -> str:
+    from .api import ledger
+
+    rows = ledger().tasks(ACTIVE if active_only else None)
+    if not rows:
+        return "no tasks" if not active_only else "no active tasks"
+    now = time.time()
+    out = []
+    for t in rows:
+        where = ",".join(t["placement"] or []) or ("cpu" if t["request"].get("cpu") else "-")
+        elapsed = ((t["ended"] or now) - t["started"]) if t["started"] else None
+        note = t["error"] if t["status"] in ("failed", "cancelled") and t["error"] else (t["description"] or "")
+        out.append([t["id"], t["kind"], t["status"], where, _age(elapsed), t["package"], note])
+    return _table(["ID", "KIND", "STATUS", "DEVICE", "ELAPSED", "PACKAGE", "NOTE"], out)
+
+
+def gpus_table() -> str:
+    from .api import ledger
+
+    reserved: dict[str, int] = {}
+    for r in ledger().reservations():
+        reserved[r["device"]] = reserved.get(r["device"], 0) + r["memory_mb"]
+    holders: dict[str, list[str]] = {}
+    for t in ledger().tasks(ACTIVE):
+        for uuid in t["placement"] or []:
+            holders.setdefault(uuid, []).append(t["id"])
+    gpus = devices.gpus()
+    lines = []
+    if gpus:
+        rows = [[g.index, g.name, g.total_mb, g.used_mb,
+                 reserved.get(g.uuid, 0), g.total_mb - g.used_mb - reserved.get(g.uuid, 0),
+                 "-" if g.utilization is None else f"{g.utilization}%", ",".join(holders.get(g.uuid, [])) or "-"]
+                for g in gpus]
+        lines.append(_table(["GPU", "NAME", "TOTAL MiB", "USED", "RESERVED", "FREE", "UTIL", "TASKS"], rows))
+    else:
+        lines.append(devices.no_gpu_message())
+    h = devices.host()
+    lines.append(f"CPU: {h['cpus']} cores, {h['cpu_percent']:.0f}% busy; RAM: {h['ram_used_mb']} / "
+                 f"{h['ram_total_mb']} MiB")
+    return "\n".join(lines)

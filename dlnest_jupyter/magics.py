@@ -1,0 +1,125 @@
+"""IPython magics: ``%load_ext dlnest_jupyter`` registers them, opens the ledger and starts the dispatcher.
+
+Bad input prints one ``dlnest: error:`` line and changes nothing; no magic ever blocks on a running task."""
+from __future__ import annotations
+
+import shlex
+import sys
+from typing import Any, Callable
+
+from IPython.core.magic import Magics, line_magic, magics_class
+
+from . import api
+from .cli import (add_continue_arguments, add_cpu_argument, add_new_arguments, add_queue_arguments,
+                  add_run_arguments, magic_parser)
+from .errors import DLNestError
+
+_dispatcher = None
+
+
+class _HelpShown(Exception):
+    pass
+
+
+def _parse(prog: str, line: str, *adders: Callable) -> Any:
+    parser = magic_parser(prog, *adders)
+    parser.exit = lambda status=0, message=None: (_ for _ in ()).throw(_HelpShown())  # -h printed its help
+    return parser.parse_args(shlex.split(line))
+
+
+def _guard(fn: Callable) -> Callable:
+    """One clear line instead of a traceback for user mistakes."""
+    def wrapper(self: Any, line: str = "") -> Any:
+        try:
+            return fn(self, line)
+        except _HelpShown:
+            return None
+        except DLNestError as exc:
+            print(f"dlnest: error: {exc}", file=sys.stderr)
+            return None
+        except ValueError as exc:  # shlex: unbalanced quotes
+            print(f"dlnest: error: {exc}", file=sys.stderr)
+            return None
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+@magics_class
+class DLNestMagics(Magics):
+    @line_magic
+    @_guard
+    def dlnest_run(self, line: str) -> api.Task:
+        """Queue a training task: %dlnest_run -c ROOT [--cpu] [-m MB] [--priority N] [--attached] [-f FREQ]
+        [-d DESC] [--set k=v ...]. Returns its Task handle."""
+        ns = _parse("%dlnest_run", line, add_run_arguments, add_queue_arguments, add_cpu_argument)
+        return api.submit(ns.config, freq=ns.freq, overrides=ns.overrides, description=ns.description, cpu=ns.cpu,
+                          memory_mb=ns.memory, priority=ns.priority, attached=ns.attached,
+                          command=["%dlnest_run", *shlex.split(line)])
+
+    @line_magic
+    @_guard
+    def dlnest_continue(self, line: str) -> api.Task:
+        """Queue a continue: %dlnest_continue -r PKG [--cpu] [-m MB] [--ckpt N] [--priority N] [--attached]."""
+        ns = _parse("%dlnest_continue", line, add_continue_arguments, add_queue_arguments, add_cpu_argument)
+        return api.continue_(ns.record, cpu=ns.cpu, memory_mb=ns.memory, ckpt=ns.ckpt, priority=ns.priority,
+                             attached=ns.attached, command=["%dlnest_continue", *shlex.split(line)])
+
+    @line_magic
+    @_guard
+    def dlnest_del(self, line: str) -> api.Task:
+        """Stop a task and its whole process tree: %dlnest_del ID."""
+        ns = _parse("%dlnest_del", line, lambda p: p.add_argument("task_id", metavar="ID"))
+        return api.cancel(ns.task_id)
+
+    @line_magic
+    @_guard
+    def dlnest_tasks(self, line: str) -> None:
+        """List this user's tasks (all kernels), newest first: %dlnest_tasks [--active]."""
+        from .listing import tasks_table
+
+        ns = _parse("%dlnest_tasks", line, lambda p: p.add_argument("--active", action="store_true"))
+        print(tasks_table(ns.active))
+
+    @line_magic
+    @_guard
+    def dlnest_gpus(self, line: str) -> None:
+        """GPU memory (used, reserved by tasks, free), utilisation, and CPU/RAM: %dlnest_gpus."""
+        from .listing import gpus_table
+
+        _parse("%dlnest_gpus", line)
+        print(gpus_table())
+
+    @line_magic
+    @_guard
+    def dlnest_new(self, line: str) -> None:
+        """Scaffold a project: %dlnest_new DIR [--mnist]."""
+        from .scaffold import new_project
+
+        ns = _parse("%dlnest_new", line, add_new_arguments)
+        print(f"created {'MNIST example' if ns.mnist else 'project'} in {new_project(ns.directory, ns.mnist)}")
+
+
+def load(ipython: Any) -> None:
+    """Register the magics, start this kernel's dispatcher, and end ``--attached`` tasks with the kernel."""
+    global _dispatcher
+    import atexit
+
+    from .scheduler import Dispatcher
+
+    ipython.register_magics(DLNestMagics)
+    if _dispatcher is None:
+        _dispatcher = Dispatcher(api.ledger())
+        api.set_waker(_dispatcher.wake)
+        atexit.register(_end_attached)
+
+
+def _end_attached() -> None:
+    import os
+
+    for t in api.ledger().tasks(("queued", "starting", "running")):
+        owner = t["request"].get("attached")
+        if owner and owner["pid"] == os.getpid():
+            try:
+                api.cancel(t["id"], timeout=5)
+            except Exception:
+                pass
