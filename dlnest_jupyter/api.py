@@ -37,8 +37,13 @@ def set_waker(wake: Any) -> None:
 
 
 def _kick() -> None:
+    """Get new work looked at now: wake this process's dispatcher, or (a script, a terminal) dispatch once."""
     if _wake is not None:
         _wake()
+    else:
+        from .scheduler import dispatch_once
+
+        dispatch_once(ledger())
 
 
 def _config_hash(args: dict[str, Any]) -> str:

@@ -189,7 +189,6 @@ def _submit(ns: argparse.Namespace) -> int:
 
     task = api.submit(ns.config, freq=ns.freq, overrides=ns.overrides, description=ns.description, cpu=ns.cpu,
                       memory_mb=ns.memory, priority=ns.priority, attached=ns.attached, command=[PROG, *sys.argv[1:]])
-    _dispatch_now()
     print(task.id)
     return 0
 
@@ -199,17 +198,8 @@ def _resubmit(ns: argparse.Namespace) -> int:
 
     task = api.continue_(ns.record, cpu=ns.cpu, memory_mb=ns.memory, ckpt=ns.ckpt, priority=ns.priority,
                          attached=ns.attached, command=[PROG, *sys.argv[1:]])
-    _dispatch_now()
     print(task.id)
     return 0
-
-
-def _dispatch_now() -> None:
-    """A terminal has no dispatcher thread: try once now; a kernel or ``serve`` picks up the rest."""
-    from . import api
-    from .scheduler import dispatch_once
-
-    dispatch_once(api.ledger())
 
 
 def _tasks(ns: argparse.Namespace) -> int:
