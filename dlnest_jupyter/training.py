@@ -186,7 +186,10 @@ def train(package: SavePackage, device: torch.device, *, resume: bool = False, c
 
     def finish(status: str, error: str | None = None) -> None:
         attempt.update(ended=now_iso(), status=status, error=error)
-        package.update_record(status=status, ended=attempt["ended"], attempts=attempts, error=error)
+        extra = {}
+        if device.type == "cuda":  # the scheduler learns this config's memory need from it
+            extra["peak_gpu_mb"] = torch.cuda.max_memory_reserved(device) // 2**20
+        package.update_record(status=status, ended=attempt["ended"], attempts=attempts, error=error, **extra)
 
     try:
         cfg = package.config()

@@ -223,3 +223,18 @@ def test_gpu_task_without_gpus_is_refused(tmp_path: Path, env, monkeypatch):
 def test_load_ext_does_not_import_torch(env):
     out, _ = shell("print('torch' in sys.modules)", env)
     assert out.strip() == "False"
+
+
+def test_cli_is_a_full_client(tmp_path: Path, env):
+    from conftest import cli
+
+    project = new_project(tmp_path / "mnist", mnist=True)
+    task_id = cli("submit", "-c", str(project / "root_config.json"), "-m", "1000", "--set", "epochs=40",
+                  env=env).stdout.strip()
+    assert task_id.startswith("T_")
+    listing = cli("tasks", "--active", env=env).stdout
+    assert task_id in listing and listing.splitlines()[0].split()[:3] == ["ID", "KIND", "STATUS"]
+    gpus = cli("gpus", env=env).stdout
+    assert "Simulated GPU 0" in gpus and "Simulated GPU 1" in gpus and task_id in gpus
+    assert "cancelled" in cli("del", task_id, env=env).stdout
+    assert "unknown task id" in cli("del", "T_zzz", env=env, check=False).stderr
