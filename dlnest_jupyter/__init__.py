@@ -34,6 +34,12 @@ def load_ipython_extension(ipython: Any) -> None:
     load(ipython)
 
 
+def unload_ipython_extension(ipython: Any) -> None:
+    from .magics import unload
+
+    unload(ipython)
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib

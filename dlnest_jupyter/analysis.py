@@ -30,6 +30,13 @@ def load(record_path: str | Path, checkpoint: int | None = None, cpu: bool = Tru
     return _load(SavePackage.open(record_path), checkpoint, cpu, private=True)
 
 
+def load_for_session(record_path: str | Path, checkpoint: int | None, cpu: bool) -> Run:
+    """An analyzer session's load: one package per process, so the snapshot keeps its plain module names."""
+    package = SavePackage.open(record_path)
+    prepare_import_path(Path(package.record()["project_dir"]))
+    return _load(package, checkpoint, cpu, private=False)
+
+
 def find_script(run: Run, script: str) -> Path:
     """A path, or a name looked up in the live project's ``AnalyzeScripts/`` and then in the snapshot's."""
     direct = Path(script).expanduser()
@@ -72,7 +79,5 @@ def analyze(record_path: str | Path, exp_func: Callable[[Any], Any] | str, check
 
 
 def analyze_in_foreground(record_path: str | Path, script: str, checkpoint: int | None, cpu: bool) -> Any:
-    """The CLI's ``analyze``: one package per process, so the snapshot keeps its plain module names."""
-    package = SavePackage.open(record_path)
-    prepare_import_path(Path(package.record()["project_dir"]))
-    return _run_script(_load(package, checkpoint, cpu, private=False), script)
+    """The CLI's ``analyze``: like a session's load, then one script."""
+    return _run_script(load_for_session(record_path, checkpoint, cpu), script)

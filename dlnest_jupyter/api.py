@@ -116,6 +116,16 @@ def continue_(record_path: str | Path, *, cpu: bool = False, memory_mb: int | No
                     description=package.record().get("description", ""), command=command or [])
 
 
+def analyze_session(record_path: str | Path, *, ckpt: int | None = None, cpu: bool = False,
+                    memory_mb: int | None = None, attached: bool = False, command: list[str] | None = None) -> "Task":
+    """Queue an analyzer session (``A_...``): a resident kernel with the package loaded, placed like any task."""
+    package = SavePackage.open(record_path)
+    _check_placeable(cpu, memory_mb)
+    request = {"cpu": cpu, "memory_mb": memory_mb, "gpus": 0 if cpu else 1, "ckpt": ckpt, "attached": _owner(attached)}
+    return _enqueue("analyze", package, request, priority=0, config_hash=None,
+                    description=package.record().get("description", ""), command=command or [])
+
+
 def _resolve(task_id: str) -> dict[str, Any]:
     row = ledger().get(task_id)
     if row is None:

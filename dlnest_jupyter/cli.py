@@ -129,11 +129,18 @@ def _parser() -> argparse.ArgumentParser:
     dele = sub.add_parser("del", help="stop a task (its whole process tree)")
     dele.add_argument("task_id", metavar="ID")
     sub.add_parser("gpus", help="list GPUs (memory used/reserved/free) and CPU/RAM")
+    session = sub.add_parser("session", help="start an analyzer session (A_...) on a package; prints its id")
+    session.add_argument("-r", "--record", required=True, metavar="PKG", help="the save package folder")
+    session.add_argument("--ckpt", type=int, metavar="N", help="load epoch N's checkpoint (default: newest)")
+    add_queue_arguments(session)
+    exp = sub.add_parser("exp", help="run AnalyzeScripts/NAME.py in an analyzer session")
+    exp.add_argument("session_id", metavar="ID")
+    exp.add_argument("name", metavar="NAME")
     worker = sub.add_parser("worker")  # the supervisor's child: trains a package whose output it redirects
     worker.add_argument("--package", required=True)
     worker.add_argument("--resume", action="store_true")
     worker.add_argument("--ckpt", type=int)
-    for cmd in (run, cont, ana, submit, resubmit, worker):
+    for cmd in (run, cont, ana, submit, resubmit, worker, session):
         add_cpu_argument(cmd)
     return p
 
@@ -223,6 +230,20 @@ def _gpus(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _session(ns: argparse.Namespace) -> int:
+    from . import sessions
+
+    print(sessions.start(ns.record, ckpt=ns.ckpt, cpu=ns.cpu, memory_mb=ns.memory, attached=ns.attached,
+                         command=[PROG, *sys.argv[1:]]).id)
+    return 0
+
+
+def _exp(ns: argparse.Namespace) -> int:
+    from . import sessions
+
+    return 0 if sessions.run_experiment(ns.session_id, ns.name, rich=False)["status"] == "ok" else 1
+
+
 def _worker(ns: argparse.Namespace) -> int:
     """Runs under a supervisor: output already goes to the package; SIGTERM ends training cleanly."""
     import signal
@@ -248,7 +269,8 @@ def _worker(ns: argparse.Namespace) -> int:
     except DLNestError as exc:
         return _report(exc)
     print(f"[dlnest] done: {pkg.path}", flush=True)
-    return 0
+    sys.stderr.flush()
+    os._exit(0)  # everything is on disk; skipping interpreter teardown (seconds with torch) frees the device now
 
 
 def _analyze(ns: argparse.Namespace) -> int:
@@ -271,7 +293,7 @@ def _report(exc: DLNestError) -> int:
 
 
 VERBS = {"new": _new, "run": _run, "continue": _continue, "analyze": _analyze, "submit": _submit,
-         "resubmit": _resubmit, "tasks": _tasks, "del": _del, "gpus": _gpus, "worker": _worker}
+         "resubmit": _resubmit, "tasks": _tasks, "del": _del, "gpus": _gpus, "worker": _worker, "session": _session, "exp": _exp}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

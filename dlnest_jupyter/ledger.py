@@ -58,6 +58,8 @@ MIGRATIONS = [
     CREATE TABLE launches (device TEXT PRIMARY KEY, at REAL NOT NULL);
     CREATE TABLE estimates (config_hash TEXT PRIMARY KEY, peak_mb INTEGER NOT NULL, updated REAL NOT NULL);
     """,
+    # 2: analyzer sessions publish the connection file of their kernel
+    "ALTER TABLE tasks ADD COLUMN endpoint TEXT",
 ]
 JSON_COLUMNS = ("request", "placement", "command")
 

@@ -7,7 +7,7 @@ import shlex
 import sys
 from typing import Any, Callable
 
-from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from . import api
 from .cli import (add_continue_arguments, add_cpu_argument, add_new_arguments, add_queue_arguments,
@@ -29,9 +29,9 @@ def _parse(prog: str, line: str, *adders: Callable) -> Any:
 
 def _guard(fn: Callable) -> Callable:
     """One clear line instead of a traceback for user mistakes."""
-    def wrapper(self: Any, line: str = "") -> Any:
+    def wrapper(self: Any, line: str = "", *cell: str) -> Any:
         try:
-            return fn(self, line)
+            return fn(self, line, *cell)
         except _HelpShown:
             return None
         except DLNestError as exc:
@@ -91,6 +91,45 @@ class DLNestMagics(Magics):
 
     @line_magic
     @_guard
+    def dlnest_analyze(self, line: str) -> api.Task:
+        """Start an analyzer session (A_...) on a package: %dlnest_analyze -r PKG [--ckpt N] [--cpu] [-m MB].
+        It becomes this notebook's current session."""
+        from . import sessions
+
+        def add(p: Any) -> None:
+            p.add_argument("-r", "--record", required=True, metavar="PKG", help="the save package folder")
+            p.add_argument("--ckpt", type=int, metavar="N", help="load epoch N's checkpoint (default: newest)")
+
+        ns = _parse("%dlnest_analyze", line, add, add_queue_arguments, add_cpu_argument)
+        return sessions.start(ns.record, ckpt=ns.ckpt, cpu=ns.cpu, memory_mb=ns.memory, attached=ns.attached,
+                              command=["%dlnest_analyze", *shlex.split(line)])
+
+    @line_magic
+    @_guard
+    def runExp(self, line: str) -> None:  # noqa: N802 - the seed's name
+        """Run experience(self) of AnalyzeScripts/NAME.py in the current (or named) session: %runExp [ID] NAME."""
+        from . import sessions
+
+        def add(p: Any) -> None:
+            p.add_argument("args", nargs="+", metavar="[ID] NAME")
+
+        ns = _parse("%runExp", line, add)
+        if len(ns.args) > 2:
+            raise DLNestError("%runExp takes [ID] NAME")
+        task_id, name = (None, ns.args[0]) if len(ns.args) == 1 else ns.args
+        sessions.run_experiment(task_id, name)
+
+    @cell_magic
+    @_guard
+    def dlnest_exp(self, line: str, cell: str) -> None:
+        """Run this cell inside the current (or named) session, with ``self`` bound: %%dlnest_exp [ID]."""
+        from . import sessions
+
+        ns = _parse("%%dlnest_exp", line, lambda p: p.add_argument("task_id", nargs="?", metavar="ID"))
+        sessions.execute(ns.task_id, cell)
+
+    @line_magic
+    @_guard
     def dlnest_new(self, line: str) -> None:
         """Scaffold a project: %dlnest_new DIR [--mnist]."""
         from .scaffold import new_project
@@ -113,10 +152,24 @@ def load(ipython: Any) -> None:
         atexit.register(_end_attached)
 
 
+def unload(ipython: Any) -> None:
+    """``%unload_ext dlnest_jupyter``: stop this kernel's dispatcher (tasks keep running)."""
+    global _dispatcher
+    import atexit
+
+    if _dispatcher is not None:
+        _dispatcher.stop()
+        _dispatcher = None
+        api.set_waker(None)
+        atexit.unregister(_end_attached)
+
+
 def _end_attached() -> None:
     import os
 
-    for t in api.ledger().tasks(("queued", "starting", "running")):
+    if api._ledger is None or not api._ledger.path.exists():  # never recreate a ledger at exit
+        return
+    for t in api._ledger.tasks(("queued", "starting", "running")):
         owner = t["request"].get("attached")
         if owner and owner["pid"] == os.getpid():
             try:

@@ -14,7 +14,8 @@ Rules, in order:
 - Backfill: a task that fits may start ahead of an older one that does not, unless that older one has waited
   longer than ``starvation_s``; from then on no younger GPU task starts until it has (so it cannot starve).
 - A task needing more memory than the largest device has fails at once.
-- CPU tasks (``--cpu``) use ``cpu_slots`` slots and never wait for, or block, GPU tasks.
+- CPU tasks (``--cpu``) use ``cpu_slots`` slots and never wait for, or block, GPU tasks; CPU analyzer
+  sessions (idle most of the time) take no slot.
 - A supervisor that stopped heartbeating and whose process (pid + create time) is gone marks its task failed;
   a task booked but never picked up by its supervisor goes back to the queue.
 """
@@ -115,13 +116,16 @@ def dispatch_once(ledger: Ledger, launch: Callable[[Ledger, dict], None] | None 
                 if uuid in count:
                     count[uuid] += 1
         last = {r["device"]: r["at"] for r in db.execute("SELECT * FROM launches")}
-        cpu_busy = sum(1 for t in active.values() if t["request"].get("cpu"))
+        # analyzer sessions idle most of the time: they do not hold one of the CPU training slots
+        cpu_busy = sum(1 for t in active.values() if t["request"].get("cpu") and t["kind"] != "analyze")
         largest = max((g.total_mb for g in gpus), default=0)
         starving = False
         for task in queued:
             req = task["request"]
             if req.get("cpu"):
-                if cpu_busy < settings.cpu_slots:
+                if task["kind"] == "analyze":
+                    booked.append(_book(ledger, db, task, {}, now))
+                elif cpu_busy < settings.cpu_slots:
                     cpu_busy += 1
                     booked.append(_book(ledger, db, task, {}, now))
                 continue

@@ -8,6 +8,7 @@ Usage (by the scheduler only): ``python -m dlnest_jupyter.supervisor TASK_ID LED
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import psutil
 
 from .devices import SIMULATED
-from .ledger import Ledger
+from .ledger import Ledger, dlnest_home
 from .package import SavePackage
 from .scheduler import dispatch_once, process_alive
 
@@ -51,16 +52,31 @@ def kill_tree(root: psutil.Process, grace: float = KILL_GRACE_S) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def _worker_command(task: dict) -> list[str]:
-    req = task["request"]
-    cmd = [sys.executable, "-m", "dlnest_jupyter", "worker", "--package", task["package"]]
+def session_dir(task_id: str) -> Path:
+    """Private folder (0700) of an analyzer session: its connection file and ipc sockets."""
+    folder = dlnest_home() / "sessions" / task_id
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
+
+
+def _on_cpu(task: dict) -> bool:
+    return bool(task["request"].get("cpu") or not task["placement"] or os.environ.get(SIMULATED) is not None)
+
+
+def _worker_command(task: dict) -> tuple[list[str], Path]:
+    """The process the task runs, and the file its output goes to."""
+    req, package = task["request"], SavePackage(task["package"])
+    if task["kind"] == "analyze":
+        connection = session_dir(task["id"]) / f"{task['id']}.json"
+        ckpt = "-" if req.get("ckpt") is None else str(req["ckpt"])
+        cmd = [sys.executable, "-m", "dlnest_jupyter.session_kernel", str(connection), str(package.path), ckpt]
+        return cmd + (["--cpu"] if _on_cpu(task) else []), package.path / f"_session_{task['id']}.txt"
+    cmd = [sys.executable, "-m", "dlnest_jupyter", "worker", "--package", str(package.path)]
     if task["kind"] == "continue":
         cmd.append("--resume")
         if req.get("ckpt") is not None:
             cmd += ["--ckpt", str(req["ckpt"])]
-    if req.get("cpu") or not task["placement"] or os.environ.get(SIMULATED) is not None:
-        cmd.append("--cpu")
-    return cmd
+    return cmd + (["--cpu"] if _on_cpu(task) else []), package.output_path()
 
 
 def _worker_env(task: dict) -> dict[str, str]:
@@ -77,8 +93,14 @@ def supervise(task_id: str, ledger: Ledger) -> int:
         return 1
     me = psutil.Process()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    wake = threading.Event()  # set by a signal or by the worker's exit: either ends the heartbeat wait at once
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        wake.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     package = SavePackage(task["package"])
     with ledger.transaction() as db:
         if ledger.get(task_id, db)["cancel_requested"]:
@@ -87,19 +109,27 @@ def supervise(task_id: str, ledger: Ledger) -> int:
             return 0
         ledger.update(db, task_id, status="running", supervisor_pid=me.pid, supervisor_started=me.create_time(),
                       heartbeat=time.time())
-    with open(package.output_path(), "ab") as out:
-        worker = subprocess.Popen(_worker_command(task), stdin=subprocess.DEVNULL, stdout=out,
-                                  stderr=subprocess.STDOUT, env=_worker_env(task), cwd=package.path,
-                                  start_new_session=True)
+    command, output = _worker_command(task)
+    with open(output, "ab") as out:
+        worker = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                  env=_worker_env(task), cwd=package.path, start_new_session=True)
     wproc = psutil.Process(worker.pid)
+    threading.Thread(target=lambda: (worker.wait(), wake.set()), daemon=True).start()
     with ledger.transaction() as db:
         ledger.update(db, task_id, worker_pid=worker.pid, worker_started=wproc.create_time())
     owner = task["request"].get("attached")
     cancelled = False
+    endpoint = Path(command[3]) if task["kind"] == "analyze" else None
     while worker.poll() is None:
-        if stop.wait(HEARTBEAT_S):
+        if endpoint is not None and endpoint.exists():  # the session's kernel is listening: clients may connect
+            with ledger.transaction() as db:
+                ledger.update(db, task_id, endpoint=str(endpoint))
+            endpoint = None
+        wake.wait(HEARTBEAT_S)
+        wake.clear()
+        if stop.is_set():
             cancelled = True
-        else:
+        elif worker.poll() is None:
             with ledger.transaction() as db:
                 ledger.update(db, task_id, heartbeat=time.time())
                 row = ledger.get(task_id, db)
@@ -111,6 +141,9 @@ def supervise(task_id: str, ledger: Ledger) -> int:
             worker.wait()
             break
     code = worker.returncode
+    if task["kind"] == "analyze":
+        shutil.rmtree(session_dir(task_id), ignore_errors=True)
+        return _finish_session(ledger, task_id, cancelled, code, output)
     record = package.record()
     if cancelled:
         status, error = "cancelled", "cancelled" if not owner else "cancelled (attached kernel ended or del)"
@@ -125,6 +158,17 @@ def supervise(task_id: str, ledger: Ledger) -> int:
     if status == "done" and peak and task["config_hash"]:
         ledger.learn(task["config_hash"], int(peak))
     dispatch_once(ledger)  # hand the freed device to the next queued task now, not at the next poll
+    return 0
+
+
+def _finish_session(ledger: Ledger, task_id: str, cancelled: bool, code: int | None, output: Path) -> int:
+    """A session ends only by del (cancelled); any other exit is a failure, with its last words as the error."""
+    if cancelled:
+        ledger.finish(task_id, "cancelled", exit_code=code, error="session ended by del")
+    else:
+        lines = output.read_text(errors="replace").strip().splitlines() if output.exists() else []
+        ledger.finish(task_id, "failed", exit_code=code, error=lines[-1] if lines else f"exited with status {code}")
+    dispatch_once(ledger)
     return 0
 
 

@@ -5,8 +5,10 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dlnest_jupyter.scaffold import new_project
@@ -49,3 +51,50 @@ def edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
     path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch) -> dict[str, str]:
+    """A private ledger and two simulated 16 GiB GPUs; at the end no task and no process may be left."""
+    values = {"DLNEST_HOME": str(tmp_path / "home"), "DLNEST_SIMULATED_GPUS": "16384,16384",
+              "DLNEST_KILL_GRACE_S": "5"}
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    yield {**os.environ, **values}
+    from dlnest_jupyter import api
+
+    for t in api.tasks(active_only=True):
+        api.cancel(t.id, timeout=20)
+    leftovers = processes_mentioning(str(tmp_path))
+    for p in leftovers:
+        p.kill()
+    assert not leftovers, f"processes left behind: {[p.cmdline() for p in leftovers]}"
+
+
+def processes_mentioning(text: str) -> list[psutil.Process]:
+    """Live processes whose command line or working folder mentions ``text`` (a test's temp folder)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        try:
+            if p.pid != os.getpid() and (text in " ".join(p.info["cmdline"] or []) or text in (p.info["cwd"] or "")):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def shell(script: str, env: dict[str, str], timeout: float = 600, wait: bool = True):
+    """Run ``script`` in a fresh process holding a real IPython shell with the extension loaded (``ip``)."""
+    prelude = ("from IPython.core.interactiveshell import InteractiveShell\n"
+               "import json, sys, time, dlnest_jupyter\n"
+               "ip = InteractiveShell.instance()\n"
+               "ip.run_line_magic('load_ext', 'dlnest_jupyter')\n")
+    proc = subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(script)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    return out, err
+
+

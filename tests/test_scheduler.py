@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dlnest_jupyter.ledger import Ledger
+from dlnest_jupyter.ledger import MIGRATIONS, Ledger
 from dlnest_jupyter.scheduler import Settings, dispatch_once
 
 
@@ -40,7 +40,7 @@ def test_ledger_is_private_and_in_wal_mode(ledger: Ledger):
     assert stat.S_IMODE(os.stat(ledger.path.parent).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(ledger.path).st_mode) == 0o600
     assert ledger.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert ledger.db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert ledger.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     Ledger(ledger.path)  # reopening migrates nothing and loses nothing
 
 

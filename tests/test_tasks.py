@@ -4,59 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from conftest import processes_mentioning, shell
 from dlnest_jupyter.scaffold import new_project
-
-
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch) -> dict[str, str]:
-    values = {"DLNEST_HOME": str(tmp_path / "home"), "DLNEST_SIMULATED_GPUS": "16384,16384",
-              "DLNEST_KILL_GRACE_S": "5"}
-    for k, v in values.items():
-        monkeypatch.setenv(k, v)
-    yield {**os.environ, **values}
-    from dlnest_jupyter import api
-
-    for t in api.tasks(active_only=True):
-        api.cancel(t.id, timeout=20)
-    leftovers = _processes_mentioning(str(tmp_path))
-    for p in leftovers:
-        p.kill()
-    assert not leftovers, f"processes left behind: {[p.cmdline() for p in leftovers]}"
-
-
-def _processes_mentioning(text: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline", "cwd"]):
-        try:
-            if p.pid != os.getpid() and (text in " ".join(p.info["cmdline"] or []) or text in (p.info["cwd"] or "")):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
-
-
-def shell(script: str, env: dict[str, str], timeout: float = 600, wait: bool = True):
-    """Run ``script`` in a fresh process holding a real IPython shell with the extension loaded (``ip``)."""
-    prelude = ("from IPython.core.interactiveshell import InteractiveShell\n"
-               "import json, sys, time, dlnest_jupyter\n"
-               "ip = InteractiveShell.instance()\n"
-               "ip.run_line_magic('load_ext', 'dlnest_jupyter')\n")
-    proc = subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(script)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if not wait:
-        return proc
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err
-    return out, err
 
 
 def test_two_shells_never_overcommit_a_device(tmp_path: Path, env):
@@ -125,7 +80,7 @@ def test_attached_task_ends_with_its_shell(tmp_path: Path, env):
 
     task = api.task(out.split()[-1])
     assert task.wait(60) == "cancelled"
-    assert not _processes_mentioning(str(task.package))
+    assert not processes_mentioning(str(task.package))
 
 
 def _tree(task) -> list[psutil.Process]:
@@ -150,7 +105,7 @@ def test_del_during_training_ends_every_process_and_continue_works(tmp_path: Pat
     api.cancel(task.id)
     assert task.status == "cancelled"
     gone, alive = psutil.wait_procs(tree, timeout=10)
-    assert not alive and not _processes_mentioning(str(task.package))
+    assert not alive and not processes_mentioning(str(task.package))
     assert json.loads(task.record_path.read_text())["status"] == "cancelled"
 
     again = api.continue_(task.package, memory_mb=2000)
@@ -173,7 +128,7 @@ def test_del_during_a_checkpoint_write_leaves_nothing_running(tmp_path: Path, en
     tree = _tree(task)
     api.cancel(task.id)
     gone, alive = psutil.wait_procs(tree, timeout=10)
-    assert not alive and not _processes_mentioning(str(task.package))
+    assert not alive and not processes_mentioning(str(task.package))
     ck = Checkpoints(folder, {})
     if ck.epochs():
         assert ck.load()["epoch"] == ck.epochs()[-1]
