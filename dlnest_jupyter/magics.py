@@ -130,6 +130,28 @@ class DLNestMagics(Magics):
 
     @line_magic
     @_guard
+    def dlnest_watch(self, line: str) -> None:
+        """Show a task's (or session's) output live in this cell: %dlnest_watch ID [-n LINES]."""
+        from .watch import watch
+
+        def add(p: Any) -> None:
+            p.add_argument("task_id", metavar="ID")
+            p.add_argument("-n", "--lines", type=int, default=40, help="lines of tail shown (default 40)")
+
+        ns = _parse("%dlnest_watch", line, add)
+        watch(ns.task_id, ns.lines)
+
+    @line_magic
+    @_guard
+    def dlnest_withdraw(self, line: str) -> None:
+        """Stop the live output of %dlnest_watch (the task keeps running)."""
+        from .watch import withdraw
+
+        _parse("%dlnest_withdraw", line)
+        withdraw()
+
+    @line_magic
+    @_guard
     def dlnest_new(self, line: str) -> None:
         """Scaffold a project: %dlnest_new DIR [--mnist]."""
         from .scaffold import new_project
