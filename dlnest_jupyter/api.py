@@ -50,18 +50,33 @@ def _config_hash(args: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _check_placeable(cpu: bool, memory_mb: int | None) -> None:
-    """Refuse now what the dispatcher could never place (one clear line, nothing created)."""
+def _request(cpu: bool, memory_mb: int | None, ddp: bool = False, gpus: int | None = None,
+             procs: int | None = None, **extra: Any) -> dict[str, Any]:
+    """Validate a placement request and refuse now what the dispatcher could never place (one clear line,
+    nothing created)."""
     if memory_mb is not None and memory_mb <= 0:
         raise DLNestError(f"-m must be a positive number of MiB, got {memory_mb}")
+    if (gpus is not None or procs is not None) and not ddp:
+        raise DLNestError("--gpus and --procs go with --ddp")
+    if procs is not None and (not cpu or procs < 1):
+        raise DLNestError("--procs N (N >= 1) is for CPU DDP: add --cpu")
+    if gpus is not None and (cpu or gpus < 1):
+        raise DLNestError("--gpus N (N >= 1) is for GPU DDP; on the CPU use --procs N")
+    request = {"cpu": cpu, "memory_mb": memory_mb, "ddp": ddp, "gpus": gpus, "procs": (procs or 2) if ddp and cpu
+               else None, **extra}
     if cpu:
-        return
-    gpus = devices.gpus()
-    if not gpus:
+        return request
+    found = devices.gpus()
+    if not found:
         raise DLNestError(devices.no_gpu_message())
-    largest = max(g.total_mb for g in gpus)
-    if memory_mb and memory_mb > largest:
-        raise DLNestError(f"-m {memory_mb} MiB can never fit: the largest GPU has {largest} MiB")
+    largest = max(g.total_mb for g in found)
+    if gpus is not None and gpus > len(found):
+        raise DLNestError(f"--gpus {gpus} can never fit: this machine has {len(found)} GPUs")
+    capacity = sum(g.total_mb for g in found) if ddp and gpus is None else largest
+    if memory_mb and memory_mb > capacity:
+        raise DLNestError(f"-m {memory_mb} MiB can never fit: the largest GPU has {largest} MiB"
+                          + (f" ({capacity} MiB on all of them)" if ddp and gpus is None else ""))
+    return request
 
 
 def _owner(attached: bool) -> dict[str, Any] | None:
@@ -92,26 +107,34 @@ def _enqueue(kind: str, package: SavePackage, request: dict[str, Any], *, priori
 
 def submit(config: str | Path, *, freq: str | Path | None = None, overrides: Iterable[str] = (),
            description: str = "", cpu: bool = False, memory_mb: int | None = None, priority: int = 0,
-           attached: bool = False, command: list[str] | None = None) -> "Task":
-    """Queue a training task: its code snapshot is taken now; it starts when a device (or CPU slot) is free."""
+           attached: bool = False, ddp: bool = False, gpus: int | None = None, procs: int | None = None,
+           command: list[str] | None = None) -> "Task":
+    """Queue a training task: its code snapshot is taken now; it starts when a device (or CPU slot) is free.
+
+    ``ddp``: several GPUs (``gpus`` of them, each with ``memory_mb`` free; or as few as hold ``memory_mb``
+    together), or ``procs`` CPU ranks with ``cpu``."""
     cfg = load_config(config, freq, list(overrides))
-    _check_placeable(cpu, memory_mb)
+    request = _request(cpu, memory_mb, ddp, gpus, procs, attached=_owner(attached))
     package = SavePackage.create(cfg, command=command or ["submit", str(config)], description=description)
-    request = {"cpu": cpu, "memory_mb": memory_mb, "gpus": 0 if cpu else 1, "attached": _owner(attached)}
     return _enqueue("train", package, request, priority=priority, config_hash=_config_hash(cfg.args),
                     description=description, command=command or [])
 
 
 def continue_(record_path: str | Path, *, cpu: bool = False, memory_mb: int | None = None, ckpt: int | None = None,
-              priority: int = 0, attached: bool = False, command: list[str] | None = None) -> "Task":
-    """Queue a ``continue`` of a package (with its own code) from its newest or ``ckpt``'s checkpoint."""
+              priority: int = 0, attached: bool = False, ddp: bool = False, gpus: int | None = None,
+              procs: int | None = None, command: list[str] | None = None) -> "Task":
+    """Queue a ``continue`` of a package (with its own code) from its newest or ``ckpt``'s checkpoint.
+
+    A DDP package continues with its own world size unless told otherwise (an exact resume needs it)."""
     package = SavePackage.open(record_path)
     busy = [t for t in ledger().tasks(ACTIVE) if t["package"] == str(package.path)]
     if busy:
         raise DLNestError(f"{busy[0]['id']} is still {busy[0]['status']} on this package; del it first")
-    _check_placeable(cpu, memory_mb)
+    world = int(package.record().get("world_size") or 1)
+    if world > 1 and not ddp:
+        ddp, gpus, procs = True, (None if cpu else world), (world if cpu else None)
+    request = _request(cpu, memory_mb, ddp, gpus, procs, ckpt=ckpt, attached=_owner(attached))
     args = json.loads(package.config_path.read_text())
-    request = {"cpu": cpu, "memory_mb": memory_mb, "gpus": 0 if cpu else 1, "ckpt": ckpt, "attached": _owner(attached)}
     return _enqueue("continue", package, request, priority=priority, config_hash=_config_hash(args),
                     description=package.record().get("description", ""), command=command or [])
 
@@ -120,8 +143,7 @@ def analyze_session(record_path: str | Path, *, ckpt: int | None = None, cpu: bo
                     memory_mb: int | None = None, attached: bool = False, command: list[str] | None = None) -> "Task":
     """Queue an analyzer session (``A_...``): a resident kernel with the package loaded, placed like any task."""
     package = SavePackage.open(record_path)
-    _check_placeable(cpu, memory_mb)
-    request = {"cpu": cpu, "memory_mb": memory_mb, "gpus": 0 if cpu else 1, "ckpt": ckpt, "attached": _owner(attached)}
+    request = _request(cpu, memory_mb, ckpt=ckpt, attached=_owner(attached))
     return _enqueue("analyze", package, request, priority=0, config_hash=None,
                     description=package.record().get("description", ""), command=command or [])
 
@@ -154,8 +176,9 @@ def cancel(task_id: str, timeout: float = 30.0) -> "Task":
         import psutil
 
         row = ledger().get(task_id)
-        if process_alive(row["worker_pid"], row["worker_started"]):
-            kill_tree(psutil.Process(row["worker_pid"]))
+        for pid, started in row["rank_pids"] or [[row["worker_pid"], row["worker_started"]]]:
+            if process_alive(pid, started):
+                kill_tree(psutil.Process(pid))
         ledger().finish(task_id, "cancelled", error="cancelled (supervisor did not answer)")
     return task
 

@@ -85,6 +85,12 @@ def add_queue_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attached", action="store_true", help="end the task when this process ends")
 
 
+def add_ddp_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ddp", "-DDP", action="store_true", help="DistributedDataParallel over several devices")
+    p.add_argument("--gpus", type=int, metavar="N", help="with --ddp: this many GPUs, each with MB free")
+    p.add_argument("--procs", type=int, metavar="N", help="with --cpu --ddp: this many CPU ranks (gloo)")
+
+
 def add_cpu_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", "-CPU", action="store_true", help="run on the CPU")
 
@@ -121,9 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="queue a training task (placed on a GPU, run in the background)")
     add_run_arguments(submit)
     add_queue_arguments(submit)
+    add_ddp_arguments(submit)
     resubmit = sub.add_parser("resubmit", help="queue a continue of a package (background)")
     add_continue_arguments(resubmit)
     add_queue_arguments(resubmit)
+    add_ddp_arguments(resubmit)
     tasks = sub.add_parser("tasks", help="list this user's tasks, newest first")
     tasks.add_argument("--active", action="store_true", help="only queued, starting and running tasks")
     dele = sub.add_parser("del", help="stop a task (its whole process tree)")
@@ -140,6 +148,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--package", required=True)
     worker.add_argument("--resume", action="store_true")
     worker.add_argument("--ckpt", type=int)
+    worker.add_argument("--rank", type=int, default=0)
+    worker.add_argument("--world-size", type=int, default=1)
+    worker.add_argument("--rendezvous", help="DDP: the FileStore path all ranks meet at")
     for cmd in (run, cont, ana, submit, resubmit, worker, session):
         add_cpu_argument(cmd)
     return p
@@ -195,7 +206,8 @@ def _submit(ns: argparse.Namespace) -> int:
     from . import api
 
     task = api.submit(ns.config, freq=ns.freq, overrides=ns.overrides, description=ns.description, cpu=ns.cpu,
-                      memory_mb=ns.memory, priority=ns.priority, attached=ns.attached, command=[PROG, *sys.argv[1:]])
+                      memory_mb=ns.memory, priority=ns.priority, attached=ns.attached, ddp=ns.ddp, gpus=ns.gpus,
+                      procs=ns.procs, command=[PROG, *sys.argv[1:]])
     print(task.id)
     return 0
 
@@ -204,7 +216,8 @@ def _resubmit(ns: argparse.Namespace) -> int:
     from . import api
 
     task = api.continue_(ns.record, cpu=ns.cpu, memory_mb=ns.memory, ckpt=ns.ckpt, priority=ns.priority,
-                         attached=ns.attached, command=[PROG, *sys.argv[1:]])
+                         attached=ns.attached, ddp=ns.ddp, gpus=ns.gpus, procs=ns.procs,
+                         command=[PROG, *sys.argv[1:]])
     print(task.id)
     return 0
 
@@ -245,8 +258,11 @@ def _exp(ns: argparse.Namespace) -> int:
 
 
 def _worker(ns: argparse.Namespace) -> int:
-    """Runs under a supervisor: output already goes to the package; SIGTERM ends training cleanly."""
+    """Runs under a supervisor (one per DDP rank): output already goes to the package; SIGTERM ends
+    training cleanly (an in-flight checkpoint still lands)."""
     import signal
+
+    import torch
 
     from .engine import prepare_import_path, resolve_device
     from .package import SavePackage
@@ -259,16 +275,34 @@ def _worker(ns: argparse.Namespace) -> int:
     pkg = SavePackage.open(ns.package)
     prepare_import_path(Path(pkg.record()["project_dir"]))
     device = resolve_device(ns.cpu)
-    if not ns.resume:
+    if ns.world_size > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":  # the supervisor made exactly this task's GPUs visible, one per rank
+            device = torch.device("cuda", ns.rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{ns.rendezvous}",
+                                rank=ns.rank, world_size=ns.world_size)
+    if not ns.resume and ns.rank == 0:
         from .envinfo import capture_env
 
         capture_env(pkg.env_dir, Path(pkg.record()["project_dir"]))
-    print(f"[dlnest] {os.environ.get('DLNEST_TASK_ID', 'task')} on {device}: {pkg.path}", flush=True)
+    rank_note = f" rank {ns.rank}/{ns.world_size}" if ns.world_size > 1 else ""
+    print(f"[dlnest] {os.environ.get('DLNEST_TASK_ID', 'task')}{rank_note} on {device}: {pkg.path}", flush=True)
     try:
-        train(pkg, device, resume=ns.resume, ckpt=ns.ckpt, command=[PROG, *sys.argv[1:]])
+        run = train(pkg, device, resume=ns.resume, ckpt=ns.ckpt, command=[PROG, *sys.argv[1:]], rank=ns.rank,
+                    world_size=ns.world_size)
     except DLNestError as exc:
         return _report(exc)
     print(f"[dlnest] done: {pkg.path}", flush=True)
+    if ns.world_size > 1:  # gloo aborts now and then when a rank exits with its group alive (DESIGN, section 8)
+        import gc
+
+        import torch.distributed as dist
+
+        del run
+        gc.collect()
+        dist.destroy_process_group()
     sys.stderr.flush()
     os._exit(0)  # everything is on disk; skipping interpreter teardown (seconds with torch) frees the device now
 

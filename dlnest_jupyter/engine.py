@@ -156,14 +156,23 @@ class Run:
         return loader_generators(self.train_loader, self.val_loader)
 
     def state(self) -> dict[str, Any]:
-        """Everything a checkpoint holds, taken at an epoch boundary."""
+        """Everything a checkpoint holds, taken at an epoch boundary. Under DDP every rank must call it: the
+        RNG streams of all ranks are gathered (rank 0 writes them; each rank restores its own)."""
+        rng = rng_state(self.generators)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            ranks: list[Any] = [None] * self.world_size
+            dist.all_gather_object(ranks, rng)
+            rng = {"per_rank": ranks}
         return {
             "model": self.model.state_dict(),
             "life_cycle": self.life_cycle.state_dict(),
             "log": self.log,
             "epoch": self.epoch,
             "iter": self.iter,
-            "rng": rng_state(self.generators),
+            "world_size": self.world_size,
+            "rng": rng,
         }
 
     def restore(self, epoch: int | None = None, rng: bool = True) -> None:
@@ -175,7 +184,13 @@ class Run:
         self.log, self.epoch, self.iter = state["log"], state["epoch"], state["iter"]
         self.checkpoint_epoch = state["epoch"]
         if rng:
-            set_rng_state(state["rng"], self.generators)
+            saved = state["rng"]
+            if "per_rank" in saved:
+                if len(saved["per_rank"]) != self.world_size:
+                    raise DLNestError(f"checkpoint of epoch {self.epoch} was written by {len(saved['per_rank'])} "
+                                      f"ranks; continue with the same number for an exact resume")
+                saved = saved["per_rank"][self.rank]
+            set_rng_state(saved, self.generators)
 
 
 def prepare_import_path(live_project: Path) -> None:

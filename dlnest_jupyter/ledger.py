@@ -60,8 +60,10 @@ MIGRATIONS = [
     """,
     # 2: analyzer sessions publish the connection file of their kernel
     "ALTER TABLE tasks ADD COLUMN endpoint TEXT",
+    # 3: every rank's [pid, create time] (DDP), so del can end them all even without the supervisor
+    "ALTER TABLE tasks ADD COLUMN rank_pids TEXT",
 ]
-JSON_COLUMNS = ("request", "placement", "command")
+JSON_COLUMNS = ("request", "placement", "command", "rank_pids")
 
 
 def dlnest_home() -> Path:

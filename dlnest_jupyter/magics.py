@@ -10,8 +10,8 @@ from typing import Any, Callable
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from . import api
-from .cli import (add_continue_arguments, add_cpu_argument, add_new_arguments, add_queue_arguments,
-                  add_run_arguments, magic_parser)
+from .cli import (add_continue_arguments, add_cpu_argument, add_ddp_arguments, add_new_arguments,
+                  add_queue_arguments, add_run_arguments, magic_parser)
 from .errors import DLNestError
 
 _dispatcher = None
@@ -50,19 +50,21 @@ class DLNestMagics(Magics):
     @_guard
     def dlnest_run(self, line: str) -> api.Task:
         """Queue a training task: %dlnest_run -c ROOT [--cpu] [-m MB] [--priority N] [--attached] [-f FREQ]
-        [-d DESC] [--set k=v ...]. Returns its Task handle."""
-        ns = _parse("%dlnest_run", line, add_run_arguments, add_queue_arguments, add_cpu_argument)
+        [-d DESC] [--set k=v ...] [--ddp [--gpus N | --procs N]]. Returns its Task handle."""
+        ns = _parse("%dlnest_run", line, add_run_arguments, add_queue_arguments, add_ddp_arguments, add_cpu_argument)
         return api.submit(ns.config, freq=ns.freq, overrides=ns.overrides, description=ns.description, cpu=ns.cpu,
-                          memory_mb=ns.memory, priority=ns.priority, attached=ns.attached,
-                          command=["%dlnest_run", *shlex.split(line)])
+                          memory_mb=ns.memory, priority=ns.priority, attached=ns.attached, ddp=ns.ddp,
+                          gpus=ns.gpus, procs=ns.procs, command=["%dlnest_run", *shlex.split(line)])
 
     @line_magic
     @_guard
     def dlnest_continue(self, line: str) -> api.Task:
         """Queue a continue: %dlnest_continue -r PKG [--cpu] [-m MB] [--ckpt N] [--priority N] [--attached]."""
-        ns = _parse("%dlnest_continue", line, add_continue_arguments, add_queue_arguments, add_cpu_argument)
+        ns = _parse("%dlnest_continue", line, add_continue_arguments, add_queue_arguments, add_ddp_arguments,
+                    add_cpu_argument)
         return api.continue_(ns.record, cpu=ns.cpu, memory_mb=ns.memory, ckpt=ns.ckpt, priority=ns.priority,
-                             attached=ns.attached, command=["%dlnest_continue", *shlex.split(line)])
+                             attached=ns.attached, ddp=ns.ddp, gpus=ns.gpus, procs=ns.procs,
+                             command=["%dlnest_continue", *shlex.split(line)])
 
     @line_magic
     @_guard
@@ -131,15 +133,16 @@ class DLNestMagics(Magics):
     @line_magic
     @_guard
     def dlnest_watch(self, line: str) -> None:
-        """Show a task's (or session's) output live in this cell: %dlnest_watch ID [-n LINES]."""
+        """Show a task's (or session's) output live in this cell: %dlnest_watch ID [-n LINES] [--rank R]."""
         from .watch import watch
 
         def add(p: Any) -> None:
             p.add_argument("task_id", metavar="ID")
             p.add_argument("-n", "--lines", type=int, default=40, help="lines of tail shown (default 40)")
+            p.add_argument("--rank", type=int, default=0, help="a DDP task's rank to show (default 0)")
 
         ns = _parse("%dlnest_watch", line, add)
-        watch(ns.task_id, ns.lines)
+        watch(ns.task_id, ns.lines, ns.rank)
 
     @line_magic
     @_guard

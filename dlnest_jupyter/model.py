@@ -36,10 +36,11 @@ class Model:
         self._registered: dict[str, Any] = {}
 
     # -- framework services -------------------------------------------------------------------------
-    def register(self, obj: Any, name: str | None = None) -> Any:
+    def register(self, obj: Any, name: str | None = None, sync_batchnorm: bool = False) -> Any:
         """Register a module, optimizer or LR scheduler: modules move to ``self.device``; all are checkpointed.
 
-        Returns the object to use (the module itself; under DDP, its DDP wrapper)."""
+        Returns the object to use: the module itself, or under DDP its ``DistributedDataParallel`` wrapper
+        (``sync_batchnorm=True`` converts its BatchNorm layers to SyncBatchNorm first)."""
         if not hasattr(obj, "state_dict") or not hasattr(obj, "load_state_dict"):
             raise DLNestError(f"register() takes modules, optimizers and schedulers, not {type(obj).__name__}")
         if name is None:
@@ -52,8 +53,20 @@ class Model:
             raise DLNestError(f"register(): the name {name!r} is already taken")
         if isinstance(obj, torch.nn.Module):
             obj = obj.to(self.device)
+            if self.world_size > 1:
+                from torch.nn.parallel import DistributedDataParallel
+
+                if sync_batchnorm:
+                    obj = torch.nn.SyncBatchNorm.convert_sync_batchnorm(obj)
+                ids = [self.device] if self.device.type == "cuda" else None
+                obj = DistributedDataParallel(obj, device_ids=ids)
         self._registered[name] = obj
         return obj
+
+    @staticmethod
+    def _plain(obj: Any) -> Any:
+        """The module inside a DDP wrapper (checkpoints hold plain modules, loadable at any world size)."""
+        return getattr(obj, "module", obj) if type(obj).__name__ == "DistributedDataParallel" else obj
 
     def to_device(self, batch: Any) -> Any:
         """Move a batch (tensors in nested tuples/lists/dicts) to ``self.device``, e.g. in ``validate``."""
@@ -70,14 +83,14 @@ class Model:
         return t / self.world_size
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: obj.state_dict() for name, obj in self._registered.items()}
+        return {name: self._plain(obj).state_dict() for name, obj in self._registered.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = set(self._registered) - set(state)
         if missing:
             raise DLNestError(f"checkpoint lacks registered objects: {', '.join(sorted(missing))}")
         for name, obj in self._registered.items():
-            obj.load_state_dict(state[name])
+            self._plain(obj).load_state_dict(state[name])
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in self._registered.values() if isinstance(m, torch.nn.Module)]

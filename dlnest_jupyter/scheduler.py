@@ -6,7 +6,8 @@ after the commit, keeping the lock short.
 
 Rules, in order:
 - Queue order is priority (higher first), then FIFO.
-- A GPU task with ``-m MB`` needs MB free on one device: total minus the driver's used memory minus, for each
+- A GPU task with ``-m MB`` needs MB free on one device (a DDP task with ``--gpus N``: on each of N devices;
+  without ``--gpus``: an equal share on each of the fewest devices that hold MB together): total minus the driver's used memory minus, for each
   task placed there, what its reservation exceeds its measured use (a reservation counts until the task's
   real usage shows up; then the larger of the two counts). Without ``-m`` it takes the learned estimate of the
   same config, or else a whole device nobody else uses. Among fitting devices it takes the one with most free.
@@ -133,32 +134,52 @@ def dispatch_once(ledger: Ledger, launch: Callable[[Ledger, dict], None] | None 
             if not gpus:
                 _fail(ledger, db, task, devmod.no_gpu_message(), now)
                 continue
-            if need and need > largest:
-                _fail(ledger, db, task, f"needs {need} MiB but the largest GPU has {largest} MiB", now)
+            auto = bool(req.get("ddp")) and not req.get("gpus") and bool(need)
+            capacity = sum(g.total_mb for g in gpus) if auto else largest
+            if (need and need > capacity) or (req.get("gpus") or 1) > len(gpus):
+                _fail(ledger, db, task, f"needs {need} MiB on {req.get('gpus') or 1} GPU(s) but the largest GPU "
+                      f"has {largest} MiB (and there are {len(gpus)})", now)
                 continue
             if starving:
                 continue
-            fits = [g for g in gpus
-                    if count[g.uuid] < settings.max_tasks_per_device
-                    and now - last.get(g.uuid, 0) >= settings.launch_delay_s
-                    and (free[g.uuid] >= need if need else count[g.uuid] == 0 and free[g.uuid] > 0.9 * g.total_mb)]
-            if not fits:
+            eligible = [g for g in gpus if count[g.uuid] < settings.max_tasks_per_device
+                        and now - last.get(g.uuid, 0) >= settings.launch_delay_s]
+            choice = _choose(eligible, free, count, need, req.get("gpus") or 1, auto)
+            if choice is None:
                 starving = now - task["created"] > settings.starvation_s
                 continue
-            gpu = max(fits, key=lambda g: free[g.uuid])
-            amount = need or free[gpu.uuid]
-            free[gpu.uuid] -= amount
-            count[gpu.uuid] += 1
-            last[gpu.uuid] = now
-            db.execute("INSERT INTO launches VALUES (?, ?) ON CONFLICT (device) DO UPDATE SET at = excluded.at",
-                       (gpu.uuid, now))
-            booked.append(_book(ledger, db, task, {gpu.uuid: amount}, now))
+            for uuid, amount in choice.items():
+                free[uuid] -= amount
+                count[uuid] += 1
+                last[uuid] = now
+                db.execute("INSERT INTO launches VALUES (?, ?) ON CONFLICT (device) DO UPDATE SET at = excluded.at",
+                           (uuid, now))
+            booked.append(_book(ledger, db, task, choice, now))
     for task in booked:
         try:
             launch(ledger, task)
         except Exception as exc:  # the task must not stay "starting" with nobody running it
             ledger.finish(task["id"], "failed", error=f"could not start its supervisor: {exc}")
     return [t["id"] for t in booked]
+
+
+def _choose(eligible: list[devmod.GPU], free: dict[str, int], count: dict[str, int], need: int | None, n: int,
+            auto: bool) -> dict[str, int] | None:
+    """Devices (uuid -> MiB to reserve) for one task, most free first; None if it does not fit now.
+
+    ``n`` devices each with ``need`` free (or each wholly unused when ``need`` is unknown); with ``auto`` (DDP
+    without ``--gpus``) the fewest devices that can each hold an equal share of ``need``."""
+    order = sorted(eligible, key=lambda g: free[g.uuid], reverse=True)
+    if auto:
+        for k in range(1, len(order) + 1):
+            share = -(-need // k)
+            if all(free[g.uuid] >= share for g in order[:k]):
+                return {g.uuid: share for g in order[:k]}
+        return None
+    fitting = [g for g in order if (free[g.uuid] >= need if need else count[g.uuid] == 0 and free[g.uuid] > 0.9 * g.total_mb)]
+    if len(fitting) < n:
+        return None
+    return {g.uuid: need or free[g.uuid] for g in fitting[:n]}
 
 
 def _book(ledger: Ledger, db: Any, task: dict, memory: dict[str, int], now: float) -> dict:

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 
-def _tee_streams(log_path: Path) -> None:
-    """Everything the session prints also goes to the session's log file (the kernel's streams go to clients)."""
-    log = open(log_path, "a", encoding="utf-8", buffering=1)
+def _tee_streams(log_path: Path, shell: Any) -> None:
+    """Everything the session prints also goes to the session's log file (the kernel's streams go to clients).
+
+    Block-buffered and flushed after each request: a write per printed line would halve print throughput."""
+    log = open(log_path, "a", encoding="utf-8")
+    shell.events.register("post_execute", log.flush)
     for stream in (sys.stdout, sys.stderr):
         write = stream.write
 
@@ -60,7 +63,7 @@ def main(argv: list[str]) -> None:
     if importlib.util.find_spec("matplotlib") is not None:
         app.matplotlib = "inline"  # figures come back to the notebook as display data
     app.initialize([])
-    _tee_streams(Path(package) / f"_session_{Path(connection_file).stem}.txt")
+    _tee_streams(Path(package) / f"_session_{Path(connection_file).stem}.txt", app.shell)
     app.start()
 
 

@@ -103,6 +103,9 @@ def execute(task_id: str | None, code: str, *, rich: bool = True, out: TextIO | 
     while True:
         try:
             msg = kc.get_iopub_msg(timeout=1.0)
+        except KeyboardInterrupt:  # Ctrl-C / the notebook's stop button: interrupt the session's cell too
+            _interrupt(task_id)
+            raise
         except Exception:  # queue.Empty: check the session is still alive, then keep listening
             if api.task(task_id).status != "running":
                 raise DLNestError(f"session {task_id} ended while running this request") from None
@@ -125,6 +128,18 @@ def execute(task_id: str | None, code: str, *, rich: bool = True, out: TextIO | 
     out.flush()
     err.flush()
     return {"status": status, "result": result}
+
+
+def _interrupt(task_id: str) -> None:
+    """SIGINT to the session's kernel: ipykernel turns it into KeyboardInterrupt in the running cell."""
+    import os
+    import signal
+
+    from .scheduler import process_alive
+
+    row = api.task(task_id).row
+    if process_alive(row["worker_pid"], row["worker_started"]):
+        os.kill(row["worker_pid"], signal.SIGINT)
 
 
 def run_experiment(task_id: str | None, name: str, **kwargs: Any) -> dict[str, Any]:

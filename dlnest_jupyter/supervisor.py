@@ -79,12 +79,45 @@ def _worker_command(task: dict) -> tuple[list[str], Path]:
     return cmd + (["--cpu"] if _on_cpu(task) else []), package.output_path()
 
 
+def world_size(task: dict) -> int:
+    """Ranks a task runs: one per placed GPU under DDP, ``procs`` for CPU DDP, else one."""
+    req = task["request"]
+    if not req.get("ddp") or task["kind"] == "analyze":
+        return 1
+    return len(task["placement"]) if task["placement"] else int(req.get("procs") or 1)
+
+
 def _worker_env(task: dict) -> dict[str, str]:
     env = {**os.environ, "DLNEST_TASK_ID": task["id"], "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
     real_gpus = task["placement"] and os.environ.get(SIMULATED) is None
     env["CUDA_VISIBLE_DEVICES"] = ",".join(task["placement"]) if real_gpus else ""
     return env
+
+
+def _start_ranks(task: dict, package: SavePackage) -> tuple[list[subprocess.Popen], list[Path]]:
+    """Start the task's process(es): one worker, or one per DDP rank meeting at a private FileStore."""
+    command, output = _worker_command(task)
+    world = world_size(task)
+    commands, outputs = [command], [output]
+    if world > 1:
+        store = dlnest_home() / "rendezvous" / task["id"]
+        store.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        store.unlink(missing_ok=True)  # a FileStore must start empty
+        commands = [command + ["--rank", str(r), "--world-size", str(world), "--rendezvous", str(store)]
+                    for r in range(world)]
+        outputs = [package.output_path(r, world) for r in range(world)]
+    procs = []
+    for cmd, out_path in zip(commands, outputs):
+        with open(out_path, "ab") as out:
+            procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                          env=_worker_env(task), cwd=package.path, start_new_session=True))
+    return procs, outputs
+
+
+def _last_line(path: Path) -> str | None:
+    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return lines[-1] if lines else None
 
 
 def supervise(task_id: str, ledger: Ledger) -> int:
@@ -93,7 +126,7 @@ def supervise(task_id: str, ledger: Ledger) -> int:
         return 1
     me = psutil.Process()
     stop = threading.Event()
-    wake = threading.Event()  # set by a signal or by the worker's exit: either ends the heartbeat wait at once
+    wake = threading.Event()  # set by a signal or by a rank's exit: either ends the heartbeat wait at once
 
     def on_signal(*_: object) -> None:
         stop.set()
@@ -109,48 +142,58 @@ def supervise(task_id: str, ledger: Ledger) -> int:
             return 0
         ledger.update(db, task_id, status="running", supervisor_pid=me.pid, supervisor_started=me.create_time(),
                       heartbeat=time.time())
-    command, output = _worker_command(task)
-    with open(output, "ab") as out:
-        worker = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                  env=_worker_env(task), cwd=package.path, start_new_session=True)
-    wproc = psutil.Process(worker.pid)
-    threading.Thread(target=lambda: (worker.wait(), wake.set()), daemon=True).start()
+    ranks, outputs = _start_ranks(task, package)
+    trees = [psutil.Process(p.pid) for p in ranks]
+    for proc in ranks:
+        threading.Thread(target=lambda p=proc: (p.wait(), wake.set()), daemon=True).start()
     with ledger.transaction() as db:
-        ledger.update(db, task_id, worker_pid=worker.pid, worker_started=wproc.create_time())
+        ledger.update(db, task_id, worker_pid=ranks[0].pid, worker_started=trees[0].create_time(),
+                      rank_pids=[[t.pid, t.create_time()] for t in trees])
     owner = task["request"].get("attached")
-    cancelled = False
-    endpoint = Path(command[3]) if task["kind"] == "analyze" else None
-    while worker.poll() is None:
+    cancelled = failed_rank = None
+    endpoint = Path(_worker_command(task)[0][3]) if task["kind"] == "analyze" else None
+    while any(p.poll() is None for p in ranks):
         if endpoint is not None and endpoint.exists():  # the session's kernel is listening: clients may connect
             with ledger.transaction() as db:
                 ledger.update(db, task_id, endpoint=str(endpoint))
             endpoint = None
-        wake.wait(HEARTBEAT_S)
+        wake.wait(HEARTBEAT_S if endpoint is None else 0.1)  # a session's clients wait for its endpoint
         wake.clear()
+        failed_rank = next((r for r, p in enumerate(ranks) if p.poll() not in (None, 0)), None)
         if stop.is_set():
             cancelled = True
-        elif worker.poll() is None:
+        elif failed_rank is None and any(p.poll() is None for p in ranks):
             with ledger.transaction() as db:
                 ledger.update(db, task_id, heartbeat=time.time())
                 row = ledger.get(task_id, db)
             cancelled = bool(row and row["cancel_requested"])
             if owner and not process_alive(owner["pid"], owner["started"]):
                 cancelled = True  # --attached: the kernel that owned it is gone
-        if cancelled:
-            kill_tree(wproc)
-            worker.wait()
+        if cancelled or failed_rank is not None:  # one rank down means its peers would wait for it forever
+            for tree, proc in zip(trees, ranks):
+                if proc.poll() is None:
+                    kill_tree(tree)
+            for proc in ranks:
+                proc.wait()
             break
-    code = worker.returncode
+    code = ranks[0].returncode if failed_rank is None else ranks[failed_rank].returncode
     if task["kind"] == "analyze":
         shutil.rmtree(session_dir(task_id), ignore_errors=True)
-        return _finish_session(ledger, task_id, cancelled, code, output)
+        return _finish_session(ledger, task_id, bool(cancelled), code, outputs[0])
+    if len(ranks) > 1:
+        (dlnest_home() / "rendezvous" / task_id).unlink(missing_ok=True)
     record = package.record()
-    if cancelled:
-        status, error = "cancelled", "cancelled" if not owner else "cancelled (attached kernel ended or del)"
-    elif code == 0:
+    if record.get("status") == "done":  # a rank that aborts while exiting after "done" did not fail training
         status, error = "done", None
+    elif cancelled:
+        status, error = "cancelled", "cancelled" if not owner else "cancelled (attached kernel ended or del)"
+    elif failed_rank is None and code == 0:
+        status, error = "failed", record.get("error") or "the worker exited without finishing"
     else:
-        status, error = "failed", record.get("error") or f"worker exited with status {code}"
+        bad = failed_rank or 0
+        where = f"rank {bad}: " if len(ranks) > 1 else ""
+        status = "failed"
+        error = where + (record.get("error") or _last_line(outputs[bad]) or f"exited with status {code}")
     if record.get("status") in ("running", "created"):  # the worker was killed before it could say so
         package.update_record(status=status, error=error)
     ledger.finish(task_id, status, exit_code=code, error=error)

@@ -119,15 +119,29 @@ def _summary(run: Run, seconds: float) -> str:
     return "[dlnest] " + " | ".join(parts) + f" | {seconds:.1f}s"
 
 
-def train_loop(run: Run, metrics: MetricsWriter, progress: Progress) -> None:
-    """Train until ``LifeCycle.need_continue`` says stop, saving checkpoints as the life cycle asks."""
+def _agreed(run: Run, value: Any) -> Any:
+    """Rank 0's decision, for every rank: the life cycle's predicates may see per-rank logs, and ranks that
+    disagree on stopping or saving would deadlock in the next collective."""
+    if run.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train_loop(run: Run, metrics: MetricsWriter | None, progress: Progress) -> None:
+    """Train until ``LifeCycle.need_continue`` says stop, saving checkpoints as the life cycle asks.
+
+    Under DDP only rank 0 writes (metrics, checkpoints); every rank runs the hooks."""
     lc, model, args, code = run.life_cycle, run.model, run.args, run.code_dir
     hook = lambda name, *a: call_user(code, f"{type(lc).__name__}.{name}", getattr(lc, name), *a)  # noqa: E731
     user = lambda name, *a: call_user(code, f"{type(model).__name__}.{name}", getattr(model, name), *a)  # noqa: E731
     epochs = args.get("epochs") if isinstance(args.get("epochs"), int) else None
     sampler = getattr(run.train_loader, "sampler", None)
     hook("before_all")
-    while hook("need_continue", run.epoch, run.log, args):
+    while _agreed(run, hook("need_continue", run.epoch, run.log, args)):
         started = time.monotonic()
         hook("before_epoch", run.epoch)
         if hasattr(sampler, "set_epoch"):
@@ -145,22 +159,26 @@ def train_loop(run: Run, metrics: MetricsWriter, progress: Progress) -> None:
             if hook("need_visualize", run.epoch, run.iter, run.log, args):
                 user("visualize", run.log, run.iter, run.epoch)
             run.iter += 1
-            progress.step(metrics.update(run.log, run.iter, run.epoch))
+            progress.step(metrics.update(run.log, run.iter, run.epoch) if metrics else {})
         progress.close()
         run.epoch += 1
         hook("after_epoch", run.epoch)
-        if hook("need_validation", run.epoch, run.log, args):
+        if _agreed(run, hook("need_validation", run.epoch, run.log, args)):
             hook("before_validation")
             model.eval()
             user("validate", run.val_loader, run.log)
             model.train()
             hook("after_validation")
-            metrics.update(run.log, run.iter, run.epoch)
-        metrics.flush()
-        if run.rank == 0 and hook("need_save", run.epoch, run.log, args):
+            if metrics:
+                metrics.update(run.log, run.iter, run.epoch)
+        if metrics:
+            metrics.flush()
+        if _agreed(run, hook("need_save", run.epoch, run.log, args)):
             hook("before_save")
-            hold = bool(hook("hold_checkpoint", run.epoch, run.log, args))
-            run.checkpoints.save_in_background(run.state(), run.epoch, run.iter, hold=hold)
+            hold = _agreed(run, bool(hook("hold_checkpoint", run.epoch, run.log, args)))
+            state = run.state()  # a collective under DDP: every rank takes part
+            if run.rank == 0:
+                run.checkpoints.save_in_background(state, run.epoch, run.iter, hold=hold)
             hook("after_save")
         print(_summary(run, time.monotonic() - started), flush=True)
     run.checkpoints.wait()
@@ -168,23 +186,29 @@ def train_loop(run: Run, metrics: MetricsWriter, progress: Progress) -> None:
 
 
 def train(package: SavePackage, device: torch.device, *, resume: bool = False, ckpt: int | None = None,
-          command: list[str] | None = None, progress_stream: TextIO | None = None) -> Run:
+          command: list[str] | None = None, progress_stream: TextIO | None = None, rank: int = 0,
+          world_size: int = 1) -> Run:
     """Run (or, with ``resume``, continue) the package's training in this process, recording the attempt.
 
     A continued run restores every RNG stream at the checkpoint's epoch boundary before building any data
-    iterator, so it ends bit-identical to an uninterrupted run on the same hardware."""
+    iterator, so it ends bit-identical to an uninterrupted run on the same hardware. Under DDP this is one
+    rank (the process group already initialised); rank 0 alone writes the record, metrics and checkpoints."""
+    lead = rank == 0
     record = package.record()
     attempts = list(record.get("attempts", []))
     for earlier in attempts:  # an attempt that never recorded its end was killed
         if "ended" not in earlier:
             earlier["status"] = "interrupted"
     attempt = {"n": len(attempts) + 1, "started": now_iso(), "command": command or sys.argv,
-               "device": str(device), "resumed_from": None}
+               "device": str(device), "world_size": world_size, "resumed_from": None}
     attempts.append(attempt)
-    package.update_record(status="running", started=record.get("started") or attempt["started"],
-                          attempts=attempts, devices=[str(device)])
+    if lead:
+        package.update_record(status="running", started=record.get("started") or attempt["started"],
+                              attempts=attempts, devices=[str(device)], world_size=world_size)
 
     def finish(status: str, error: str | None = None) -> None:
+        if not lead:
+            return
         attempt.update(ended=now_iso(), status=status, error=error)
         extra = {}
         if device.type == "cuda":  # the scheduler learns this config's memory need from it
@@ -196,24 +220,25 @@ def train(package: SavePackage, device: torch.device, *, resume: bool = False, c
         resuming = resume and bool(Checkpoints(package.checkpoints_dir, cfg.checkpoint_args).entries())
         if isinstance(cfg.args.get("seed"), int) and not resuming:
             seed_everything(cfg.args["seed"])  # a continue with nothing saved yet replays the fresh start
-        run = Run.build(package, device)
-        run.checkpoints.clean_partial()
-        if resume:
-            if ckpt is not None:
+        run = Run.build(package, device, rank=rank, world_size=world_size)
+        if lead:
+            run.checkpoints.clean_partial()
+            if resume and ckpt is not None:
                 run.checkpoints.rewind(ckpt, attempt["n"])
-            if resuming:
-                run.restore(ckpt)
-                attempt["resumed_from"] = run.epoch
-                print(f"[dlnest] continuing from the checkpoint of epoch {run.epoch} (iter {run.iter})", flush=True)
-            else:
-                print("[dlnest] no checkpoint yet: starting from the beginning", flush=True)
-        metrics = MetricsWriter(package.metrics_path, run.log)
-        if resume:
+        if resuming:
+            run.restore(ckpt)
+            attempt["resumed_from"] = run.epoch
+            print(f"[dlnest] continuing from the checkpoint of epoch {run.epoch} (iter {run.iter})", flush=True)
+        elif resume:
+            print("[dlnest] no checkpoint yet: starting from the beginning", flush=True)
+        metrics = MetricsWriter(package.metrics_path, run.log) if lead else None
+        if metrics and resume:
             metrics.truncate_after(run.iter)
         try:
-            train_loop(run, metrics, Progress(progress_stream))
+            train_loop(run, metrics, Progress(progress_stream if lead else None))
         finally:
-            metrics.close()
+            if metrics:
+                metrics.close()
             run.checkpoints.wait(raise_errors=False)  # an in-flight save still lands if the loop failed
     except KeyboardInterrupt:
         finish("cancelled", "interrupted")

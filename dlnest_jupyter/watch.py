@@ -17,16 +17,18 @@ from .ledger import FINAL
 _current: "Watch | None" = None
 
 
-def output_file(task: api.Task) -> Path:
+def output_file(task: api.Task, rank: int = 0) -> Path:
+    """The file a task's (rank's) output goes to: ``_output.txt``, ``_output<rank>.txt`` under DDP."""
     if task.id.startswith("A_"):
         return task.package / f"_session_{task.id}.txt"
-    return task.package / "_output.txt"
+    ranked = task.package / f"_output{rank}.txt"
+    return ranked if ranked.exists() or rank else task.package / "_output.txt"
 
 
 class Watch:
-    def __init__(self, task_id: str, lines: int = 40, interval: float = 0.5):
+    def __init__(self, task_id: str, lines: int = 40, interval: float = 0.5, rank: int = 0):
         self.task = api.task(task_id)
-        self.path = output_file(self.task)
+        self.path = output_file(self.task, rank)
         self.lines, self.interval = lines, interval
         self._tail: collections.deque[str] = collections.deque(maxlen=lines)
         self._offset = max(0, self.path.stat().st_size - 64 * lines * 200) if self.path.exists() else 0
@@ -82,11 +84,11 @@ class Watch:
             self._thread.join(5)
 
 
-def watch(task_id: str, lines: int = 40) -> Watch:
-    """Follow a task's (or session's) output here; replaces this kernel's previous watch."""
+def watch(task_id: str, lines: int = 40, rank: int = 0) -> Watch:
+    """Follow a task's (or session's, or a DDP rank's) output here; replaces this kernel's previous watch."""
     global _current
     withdraw()
-    _current = Watch(task_id, lines).start()
+    _current = Watch(task_id, lines, rank=rank).start()
     return _current
 
 
