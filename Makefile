@@ -29,6 +29,11 @@ test: install
 bench: install
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/snapshot.py
+	$(PY) benchmarks/checkpoint.py
+	$(PY) benchmarks/dispatch.py
+	$(PY) benchmarks/analyzer.py
+	$(PY) benchmarks/ddp.py
+	$(PY) benchmarks/server.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

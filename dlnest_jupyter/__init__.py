@@ -27,6 +27,11 @@ _LAZY = {
 }
 
 
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    """``jupyter server`` finds the REST API and the dispatcher here (enabled by the installed config file)."""
+    return [{"module": "dlnest_jupyter.server"}]
+
+
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext dlnest_jupyter``: the magics and this kernel's dispatcher (torch stays unimported)."""
     from .magics import load

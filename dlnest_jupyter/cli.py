@@ -144,6 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("exp", help="run AnalyzeScripts/NAME.py in an analyzer session")
     exp.add_argument("session_id", metavar="ID")
     exp.add_argument("name", metavar="NAME")
+    serve = sub.add_parser("serve", help="keep the queue moving without Jupyter: dispatch until SIGTERM or Ctrl-C")
+    serve.add_argument("--poll", type=float, default=1.0, metavar="S", help="seconds between queue checks (default 1)")
     worker = sub.add_parser("worker")  # the supervisor's child: trains a package whose output it redirects
     worker.add_argument("--package", required=True)
     worker.add_argument("--resume", action="store_true")
@@ -316,6 +318,12 @@ def _analyze(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(ns: argparse.Namespace) -> int:
+    from .server import serve
+
+    return serve(ns.poll)
+
+
 def _report(exc: DLNestError) -> int:
     """One error line; user code that failed mid-run also gets its own frames (ours would not help)."""
     from .usercode import UserCodeError
@@ -327,7 +335,8 @@ def _report(exc: DLNestError) -> int:
 
 
 VERBS = {"new": _new, "run": _run, "continue": _continue, "analyze": _analyze, "submit": _submit,
-         "resubmit": _resubmit, "tasks": _tasks, "del": _del, "gpus": _gpus, "worker": _worker, "session": _session, "exp": _exp}
+         "resubmit": _resubmit, "tasks": _tasks, "del": _del, "gpus": _gpus, "worker": _worker, "session": _session, "exp": _exp,
+         "serve": _serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 from .. import api
+from ..errors import DLNestError
 from ..ledger import Ledger
 from ..scheduler import Settings, dispatch_once, reconcile
 
@@ -33,6 +34,8 @@ def reconcile_at_startup(ledger: Ledger) -> list[str]:
 
 def serve(poll_s: float = 1.0) -> int:
     """Reconcile, then ``dispatch_once`` every ``poll_s`` seconds until SIGTERM or SIGINT; returns 0."""
+    if not poll_s > 0:
+        raise DLNestError(f"the poll interval must be a positive number of seconds, got {poll_s}")
     ledger = api.ledger()
     stop, wake = threading.Event(), threading.Event()
 
