@@ -166,6 +166,8 @@ def load_config(
         freq_path = Path(freq).expanduser().resolve()
         args = deep_merge(args, _load_tree(freq_path, (), sources))
     args = apply_overrides(args, overrides)
+    if isinstance(args.get("data_root"), str):  # user code reads it from any cwd, and continue from any later one
+        args["data_root"] = str((root_path.parent / args["data_root"]).resolve())
     cfg = ProjectConfig(args=args, root_path=root_path, sources=sources)
     _validate(cfg)
     check_classes(cfg)

@@ -95,3 +95,47 @@ def test_code_snapshot_is_what_the_run_imports(mnist: Path):
     assert line.split()[1] == "original"
     assert Path(line.split()[2]).resolve().is_relative_to((pkg / "code").resolve())
     assert (pkg / "code" / "helper.py").read_text() == "MARK = 'original'\n"
+
+
+def _write_idx(path: Path, array) -> None:
+    """The IDX format MNIST ships in: zero, zero, dtype 0x08 (ubyte), ndim, big-endian dims, data."""
+    import gzip
+    import struct
+
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype("uint8").tobytes()))
+
+
+def test_mnist_example_reads_real_idx_files(mnist: Path):
+    """Real MNIST loading: gzipped IDX files under data_root (here small ones made from the digits)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.kron(digits.images, np.ones((3, 3)))[:, 2:-2, 2:-2] * 255 / 16  # 8x8 -> 20x20, 0..255
+    data = mnist / "data"
+    data.mkdir()
+    for prefix, sl in (("train", slice(0, 1400)), ("t10k", slice(1400, None))):
+        _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", images[sl])
+        _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", digits.target[sl])
+    proc = cli("run", "-c", str(mnist / "root_config.json"), "--cpu", "--set", "dataset.source=mnist",
+               "--set", "epochs=3")
+    pkg = only_package(mnist)
+    accs = [r["acc"] for r in metrics(pkg) if "acc" in r]
+    assert accs[-1] >= 0.8, (accs, proc.stdout[-500:])  # it learns from the IDX data (3 short epochs)
+    assert not (pkg / "code" / "data").exists()  # data_root is never snapshotted
+
+
+def test_env_records_git_commit_and_dirty_diff(mnist: Path):
+    git = ["git", "-C", str(mnist), "-c", "user.email=t@example.org", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "start"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    with open(mnist / "LifeCycle.py", "a") as fh:
+        fh.write("# an uncommitted edit\n")
+    cli("run", "-c", str(mnist / "root_config.json"), "--cpu", "--set", "epochs=1")
+    env_dir = only_package(mnist) / "env"
+    info = json.loads((env_dir / "git.json").read_text())
+    assert info["commit"] == commit and info["dirty"] is True
+    assert "+# an uncommitted edit" in (env_dir / "git-diff.patch").read_text()
