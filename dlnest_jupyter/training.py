@@ -219,7 +219,9 @@ def train(package: SavePackage, device: torch.device, *, resume: bool = False, c
         cfg = package.config()
         resuming = resume and bool(Checkpoints(package.checkpoints_dir, cfg.checkpoint_args).entries())
         if isinstance(cfg.args.get("seed"), int) and not resuming:
-            seed_everything(cfg.args["seed"])  # a continue with nothing saved yet replays the fresh start
+            # + rank: ranks draw different dropout masks (DDP copies rank 0's initial weights to all anyway);
+            # a continue with nothing saved yet replays the fresh start
+            seed_everything(cfg.args["seed"] + rank)
         run = Run.build(package, device, rank=rank, world_size=world_size)
         if lead:
             run.checkpoints.clean_partial()
