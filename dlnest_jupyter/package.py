@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
 import uuid
 from pathlib import Path
@@ -106,6 +105,3 @@ class SavePackage:
             raise DLNestError(f"{self.config_path}: unreadable config ({exc})") from None
         return ProjectConfig(args=args, root_path=self.code_dir / self.record()["root_config"])
 
-
-def is_package(path: Path) -> bool:
-    return (path / RECORD).is_file() and os.path.isdir(path / "code")
