@@ -22,6 +22,7 @@ Rules, in order:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -94,6 +95,19 @@ def reconcile(ledger: Ledger, settings: Settings, db: Any) -> None:
         elif t["status"] == "starting" and now - (t["started"] or now) > settings.start_timeout_s:
             ledger.update(db, t["id"], status="queued", placement=None, started=None)
             db.execute("DELETE FROM reservations WHERE task_id = ?", (t["id"],))
+
+
+def reconcile_at_startup(ledger: Ledger) -> list[str]:
+    """Fail now every running task whose supervisor process is gone (a reboot, a kill -9); returns their ids.
+
+    ``dispatch_once`` does this too, but only after ``heartbeat_timeout_s`` of silence; a dispatcher that
+    just started has no reason to wait: the process check (pid + create time) alone is conclusive. A task
+    still "starting" is left to ``dispatch_once`` (its supervisor may be about to write its pid)."""
+    settings = dataclasses.replace(Settings.from_env(), heartbeat_timeout_s=0.0)
+    running = [t["id"] for t in ledger.tasks(("running",))]
+    with ledger.transaction() as db:
+        reconcile(ledger, settings, db)
+    return [i for i in running if (row := ledger.get(i)) is not None and row["status"] == "failed"]
 
 
 def dispatch_once(ledger: Ledger, launch: Callable[[Ledger, dict], None] | None = None,
@@ -222,6 +236,10 @@ class Dispatcher:
         self._thread.join(5)
 
     def _loop(self) -> None:
+        try:  # a kernel just loaded: fail the tasks whose supervisor is gone now, not after the heartbeat timeout
+            reconcile_at_startup(self.ledger)
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
         while not self._stop.is_set():
             try:
                 dispatch_once(self.ledger)

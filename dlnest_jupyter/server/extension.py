@@ -40,7 +40,7 @@ from .. import api, devices
 from ..errors import DLNestError
 from ..ledger import ACTIVE, FINAL, JSON_COLUMNS, Ledger
 from ..scheduler import dispatch_once
-from .headless import reconcile_at_startup
+from ..scheduler import reconcile_at_startup
 
 log = logging.getLogger("dlnest_jupyter.server")
 

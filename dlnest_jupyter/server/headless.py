@@ -6,7 +6,6 @@ dispatching (no kernel open, no supervisor finishing). Any number of dispatchers
 is decided inside one ledger transaction (see scheduler.py), so this loop never double-books a device."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import sys
@@ -15,21 +14,7 @@ from typing import Any
 
 from .. import api
 from ..errors import DLNestError
-from ..ledger import Ledger
-from ..scheduler import Settings, dispatch_once, reconcile
-
-
-def reconcile_at_startup(ledger: Ledger) -> list[str]:
-    """Fail now every running task whose supervisor process is gone (a reboot, a kill -9); returns their ids.
-
-    ``dispatch_once`` does this too, but only after ``heartbeat_timeout_s`` of silence; a dispatcher that
-    just started has no reason to wait: the process check (pid + create time) alone is conclusive. A task
-    still "starting" is left to ``dispatch_once`` (its supervisor may be about to write its pid)."""
-    settings = dataclasses.replace(Settings.from_env(), heartbeat_timeout_s=0.0)
-    running = [t["id"] for t in ledger.tasks(("running",))]
-    with ledger.transaction() as db:
-        reconcile(ledger, settings, db)
-    return [i for i in running if (row := ledger.get(i)) is not None and row["status"] == "failed"]
+from ..scheduler import dispatch_once, reconcile_at_startup
 
 
 def serve(poll_s: float = 1.0) -> int:
