@@ -21,6 +21,17 @@ class _HelpShown(Exception):
     pass
 
 
+class SessionCellError(Exception):
+    """The cell failed inside the session (its traceback is already shown): fail this cell too, so that
+    "Run All" stops, without a second traceback of our own frames."""
+
+    def __init__(self, session_id: str):
+        super().__init__(f"the cell failed in session {session_id}")
+
+    def _render_traceback_(self) -> list[str]:  # IPython shows this instead of a traceback
+        return [f"dlnest: {self}"]
+
+
 def _parse(prog: str, line: str, *adders: Callable) -> Any:
     parser = magic_parser(prog, *adders)
     parser.exit = lambda status=0, message=None: (_ for _ in ()).throw(_HelpShown())  # -h printed its help
@@ -128,7 +139,8 @@ class DLNestMagics(Magics):
         from . import sessions
 
         ns = _parse("%%dlnest_exp", line, lambda p: p.add_argument("task_id", nargs="?", metavar="ID"))
-        sessions.execute(ns.task_id, cell)
+        if sessions.execute(ns.task_id, cell)["status"] == "error":
+            raise SessionCellError(sessions.resolve(ns.task_id))
 
     @line_magic
     @_guard

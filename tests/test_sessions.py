@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -36,11 +37,15 @@ def test_session_runs_scripts_cells_and_figures_and_outlives_its_shell(trained: 
         with capture_output() as cap:
             ip.run_cell_magic('dlnest_exp', '', 'import matplotlib.pyplot as plt\\nplt.plot([1, 2, 3])\\nplt.show()')
         print('mimes', json.dumps(sorted(k for o in cap.outputs for k in o.data)))
+        failed = ip.run_cell('%%dlnest_exp\nraise ValueError("inside")')
+        print('cell failed:', type(failed.error_in_exec).__name__)
         print('id', t.id)
     """, env)
     assert out.count(foreground) == 2, (out, foreground)  # same accuracy as the foreground analyze, twice
     assert "epoch 2" in out and "42" in out
     assert '"image/png"' in out.split("mimes", 1)[1]
+    assert "cell failed: SessionCellError" in out
+    assert "ValueError: inside" in re.sub(r"\x1b\[[0-9;]*m", "", err)  # the session's own (colored) traceback
     assert "broken.py" in err and "AttributeError" in err and "dlnest_jupyter/" not in err
     session_id = out.split("id ")[-1].strip()
 
