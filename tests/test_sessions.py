@@ -37,7 +37,7 @@ def test_session_runs_scripts_cells_and_figures_and_outlives_its_shell(trained: 
         with capture_output() as cap:
             ip.run_cell_magic('dlnest_exp', '', 'import matplotlib.pyplot as plt\\nplt.plot([1, 2, 3])\\nplt.show()')
         print('mimes', json.dumps(sorted(k for o in cap.outputs for k in o.data)))
-        failed = ip.run_cell('%%dlnest_exp\nraise ValueError("inside")')
+        failed = ip.run_cell('%%dlnest_exp\\nraise ValueError("inside")')
         print('cell failed:', type(failed.error_in_exec).__name__)
         print('id', t.id)
     """, env)
