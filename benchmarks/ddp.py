@@ -6,9 +6,10 @@ GLOBAL_BATCH: 6 optimizer steps per epoch whatever the number of ranks. Variants
 
 - ``dlnest 1 rank``: ``api.submit(cpu=True)`` with ``dataset.batch_size=GLOBAL_BATCH``.
 - ``dlnest 2 ranks``: ``api.submit(cpu=True, ddp=True, procs=2)`` with ``dataset.batch_size=GLOBAL_BATCH/2``
-  per rank (same global batch, same steps), as a user gets it: dlnest leaves torch's thread count alone.
-- ``dlnest 2 ranks, OMP=1``: the same with ``OMP_NUM_THREADS=1`` exported, as torchrun does for its ranks:
-  separates dlnest's own cost from thread oversubscription.
+  per rank (same global batch, same steps), as a user gets it: the supervisor gives CPU DDP ranks
+  ``OMP_NUM_THREADS`` = cores / ranks unless the user exported one.
+- ``dlnest 2 ranks, OMP=1``: the same with ``OMP_NUM_THREADS=1`` exported, as torchrun does for its ranks (on 2
+  cores this equals the default above, so the two rows also show the noise between identical runs).
 - ``torchrun``: a hand-written DDP script run with ``torchrun --nproc_per_node 2`` (gloo on loopback) doing the
   same work with the same parts: MNISTCNN and load_digits of the scaffolded project, DistributedSampler with the
   same per-rank batch and set_epoch, the same seeds, the loss averaged over ranks every step and a print every
@@ -288,7 +289,8 @@ def main() -> int:
           f"{GLOBAL_BATCH} (2 ranks: {GLOBAL_BATCH // 2} each), validation + checkpoint per epoch; {os.cpu_count()} "
           f"CPUs, torch {torch.__version__}, load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end; "
           f"{rounds} complete interleaved rounds ('-': left out, no time)")
-    print(f"torch threads per rank: dlnest {threads} (none set by dlnest), dlnest OMP=1 variant 1, torchrun "
+    print(f"torch threads per rank: dlnest {max(1, (os.cpu_count() or 1) // 2)} (cores / ranks, set by its "
+          f"supervisor; {threads} in a plain process), dlnest OMP=1 variant 1, torchrun "
           f"{torchrun_threads} (torchrun exports OMP_NUM_THREADS=1); timed: first step -> last validation")
     e2e = {k: _med([r["e2e"] for r in ok[k]]) for k in names}
     print(f"{'variant':<22} {'train med s':>11} {'min':>6} {'max':>6} {'e2e med s':>10} {'final acc':>9}   train runs")
