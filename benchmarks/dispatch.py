@@ -118,7 +118,7 @@ def _leftovers(text: str) -> list[psutil.Process]:
 
 STAGES = (
     "worker i-1 last output -> its exit (interpreter shutdown)",
-    "worker i-1 exit -> ended i-1 (supervisor polls every 2 s)",
+    "worker i-1 exit -> ended i-1 (the supervisor wakes on it)",
     "ended i-1 -> booked i (dispatch_once)",
     "booked -> supervisor forked (interpreter + imports)",
     "supervisor forked -> worker created",
