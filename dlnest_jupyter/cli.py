@@ -100,9 +100,18 @@ def add_new_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mnist", "-MNIST", action="store_true", help="the complete MNIST example")
 
 
+class HelpShown(Exception):
+    """``-h`` printed its help: the magic stops there (argparse would exit the kernel's process)."""
+
+
+class MagicParser(Parser):
+    def exit(self, status: int = 0, message: str | None = None):  # type: ignore[override]
+        raise HelpShown
+
+
 def magic_parser(prog: str, *adders) -> Parser:
     """A parser for a magic, built from the same argument definitions as the CLI verb."""
-    p = Parser(prog=prog, add_help=True)
+    p = MagicParser(prog=prog, add_help=True)
     for add in adders:
         add(p)
     return p

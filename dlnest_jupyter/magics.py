@@ -10,15 +10,11 @@ from typing import Any, Callable
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from . import api
-from .cli import (add_continue_arguments, add_cpu_argument, add_ddp_arguments, add_new_arguments,
+from .cli import (HelpShown, add_continue_arguments, add_cpu_argument, add_ddp_arguments, add_new_arguments,
                   add_queue_arguments, add_run_arguments, magic_parser)
 from .errors import DLNestError
 
 _dispatcher = None
-
-
-class _HelpShown(Exception):
-    pass
 
 
 class SessionCellError(Exception):
@@ -34,7 +30,6 @@ class SessionCellError(Exception):
 
 def _parse(prog: str, line: str, *adders: Callable) -> Any:
     parser = magic_parser(prog, *adders)
-    parser.exit = lambda status=0, message=None: (_ for _ in ()).throw(_HelpShown())  # -h printed its help
     return parser.parse_args(shlex.split(line))
 
 
@@ -43,7 +38,7 @@ def _guard(fn: Callable) -> Callable:
     def wrapper(self: Any, line: str = "", *cell: str) -> Any:
         try:
             return fn(self, line, *cell)
-        except _HelpShown:
+        except HelpShown:
             return None
         except DLNestError as exc:
             print(f"dlnest: error: {exc}", file=sys.stderr)

@@ -49,7 +49,7 @@ class SavePackage:
         pkg = cls(cfg.save_root / f"{stamp}_{short}")
         pkg.path.mkdir()
         pkg.checkpoints_dir.mkdir()
-        excluded = [cfg.project_dir / cfg.args["data_root"]] if isinstance(cfg.args.get("data_root"), str) else []
+        excluded = [Path(cfg.args["data_root"])] if isinstance(cfg.args.get("data_root"), str) else []  # absolute
         tree = snapshot(cfg.project_dir, cfg.save_root, cfg.listed_files(), excluded, pkg.code_dir)
         atomic_write_json(pkg.config_path, cfg.args)
         pkg.write_record({

@@ -59,6 +59,11 @@ def session_dir(task_id: str) -> Path:
     return folder
 
 
+def connection_file(task_id: str) -> Path:
+    """Where an analyzer session's kernel writes its connection file (the endpoint clients read)."""
+    return session_dir(task_id) / f"{task_id}.json"
+
+
 def _on_cpu(task: dict) -> bool:
     return bool(task["request"].get("cpu") or not task["placement"] or os.environ.get(SIMULATED) is not None)
 
@@ -67,7 +72,7 @@ def _worker_command(task: dict) -> tuple[list[str], Path]:
     """The process the task runs, and the file its output goes to."""
     req, package = task["request"], SavePackage(task["package"])
     if task["kind"] == "analyze":
-        connection = session_dir(task["id"]) / f"{task['id']}.json"
+        connection = connection_file(task["id"])
         ckpt = "-" if req.get("ckpt") is None else str(req["ckpt"])
         cmd = [sys.executable, "-m", "dlnest_jupyter.session_kernel", str(connection), str(package.path), ckpt]
         return cmd + (["--cpu"] if _on_cpu(task) else []), package.path / f"_session_{task['id']}.txt"
@@ -155,7 +160,7 @@ def supervise(task_id: str, ledger: Ledger) -> int:
                       rank_pids=[[t.pid, t.create_time()] for t in trees])
     owner = task["request"].get("attached")
     cancelled = failed_rank = None
-    endpoint = Path(_worker_command(task)[0][3]) if task["kind"] == "analyze" else None
+    endpoint = connection_file(task_id) if task["kind"] == "analyze" else None
     while any(p.poll() is None for p in ranks):
         if endpoint is not None and endpoint.exists():  # the session's kernel is listening: clients may connect
             with ledger.transaction() as db:
