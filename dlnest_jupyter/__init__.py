@@ -9,7 +9,7 @@ from .errors import DLNestError
 
 __version__ = "0.1.0"
 __all__ = ["Model", "Dataset", "LifeCycle", "DLNestError", "load", "analyze", "new_project", "run", "continue_",
-           "cancel", "task", "tasks", "Task", "load_ipython_extension"]
+           "cancel", "task", "tasks", "Task", "panel", "load_ipython_extension"]
 
 _LAZY = {
     "run": (".api", "submit"),
@@ -24,6 +24,7 @@ _LAZY = {
     "load": (".analysis", "load"),
     "analyze": (".analysis", "analyze"),
     "new_project": (".scaffold", "new_project"),
+    "panel": (".panel", "panel"),
 }
 
 

@@ -162,6 +162,15 @@ class DLNestMagics(Magics):
 
     @line_magic
     @_guard
+    def dlnest_panel(self, line: str) -> None:
+        """Show the panel: GPUs, tasks (stop/continue/watch/analyze), live output and metric plots."""
+        from .panel import panel
+
+        _parse("%dlnest_panel", line)
+        panel()
+
+    @line_magic
+    @_guard
     def dlnest_new(self, line: str) -> None:
         """Scaffold a project: %dlnest_new DIR [--mnist]."""
         from .scaffold import new_project

@@ -32,6 +32,7 @@ class SavePackage:
     env_dir = property(lambda self: self.path / "env")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    progress_path = property(lambda self: self.path / "_progress.json")  #: where training is, for the panel
 
     def output_path(self, rank: int = 0, world_size: int = 1) -> Path:
         return self.path / ("_output.txt" if world_size == 1 else f"_output{rank}.txt")

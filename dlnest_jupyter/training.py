@@ -13,7 +13,7 @@ import torch
 from .checkpoint import Checkpoints
 from .engine import Run, seed_everything
 from .errors import DLNestError
-from .fsutil import atomic_write_text
+from .fsutil import atomic_write_json, atomic_write_text
 from .model import to_device
 from .package import SavePackage, now_iso
 from .usercode import call_user
@@ -82,13 +82,21 @@ class MetricsWriter:
 
 
 class Progress:
-    """A tqdm bar on the terminal's stderr when it is a TTY; silent otherwise (logs stay clean)."""
+    """Where training is: a tqdm bar on the terminal's stderr when it is a TTY, and ``_progress.json`` in the
+    package (rewritten at most once a second) for the panel's progress bar and ETA."""
 
-    def __init__(self, stream: TextIO | None):
+    def __init__(self, stream: TextIO | None, path: Path | None = None, every: float = 1.0):
         self._stream = stream if stream is not None and stream.isatty() else None
+        self._path, self._every = path, every
         self._bar = None
+        self._state: dict[str, Any] = {}
+        self._first = self._written = 0.0
+        self._steps = 0  #: steps taken by this attempt, for its rate
 
-    def start_epoch(self, epoch: int, epochs: int | None, total: int | None) -> None:
+    def start_epoch(self, epoch: int, epochs: int | None, total: int | None, iter: int) -> None:
+        self._state = {"epoch": epoch, "epochs": epochs, "step": 0, "steps": total, "iter": iter}
+        self._first = self._first or time.monotonic()
+        self._write(force=True)
         if self._stream is None:
             return
         from tqdm import tqdm
@@ -97,12 +105,30 @@ class Progress:
         self._bar = tqdm(total=total, desc=label, file=self._stream, leave=False, dynamic_ncols=True)
 
     def step(self, metrics: dict[str, Any]) -> None:
+        self._steps += 1
+        self._state["step"] += 1
+        self._state["iter"] += 1
+        self._write()
         if self._bar is not None:
             if metrics:
                 self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
             self._bar.update()
 
+    def _write(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._path is None or (not force and now - self._written < self._every):
+            return
+        self._written = now
+        elapsed = now - self._first
+        rate = self._steps / elapsed if self._steps and elapsed > 0 else None
+        try:  # not durable: it is rewritten a second later, and a lost one costs nothing
+            atomic_write_json(self._path, {**self._state, "steps_per_second": rate, "time": time.time()},
+                              durable=False)
+        except OSError:
+            pass
+
     def close(self) -> None:
+        self._write(force=True)
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -151,7 +177,7 @@ def train_loop(run: Run, metrics: MetricsWriter | None, progress: Progress) -> N
             total = len(run.train_loader)
         except TypeError:
             total = None
-        progress.start_epoch(run.epoch, epochs, total)
+        progress.start_epoch(run.epoch, epochs, total, run.iter)
         for batch in run.train_loader:
             hook("before_step", run.iter, run.epoch)
             user("run_one_step", to_device(batch, run.device), run.log, run.iter, run.epoch)
@@ -237,7 +263,7 @@ def train(package: SavePackage, device: torch.device, *, resume: bool = False, c
         if metrics and resume:
             metrics.truncate_after(run.iter)
         try:
-            train_loop(run, metrics, Progress(progress_stream if lead else None))
+            train_loop(run, metrics, Progress(progress_stream if lead else None, package.progress_path if lead else None))
         finally:
             if metrics:
                 metrics.close()

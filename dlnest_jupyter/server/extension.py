@@ -101,10 +101,10 @@ def get_task(ledger: Ledger, task_id: str) -> dict[str, Any]:
 def read_output(ledger: Ledger, task_id: str, offset: int, max_bytes: int) -> dict[str, Any]:
     """Up to ``max_bytes`` of the task's output from byte ``offset``; ``next_offset`` never splits a UTF-8
     character, so a client that always passes it back sees every character exactly once."""
-    from ..watch import output_file
+    from ..tails import output_file
 
     task = get_task(ledger, task_id)
-    path = output_file(api.Task(task_id)) if task["package"] else None
+    path = output_file(Path(task["package"]), task_id) if task["package"] else None
     size = path.stat().st_size if path is not None and path.exists() else 0
     start = min(offset, size)
     data = b""
