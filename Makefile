@@ -15,13 +15,17 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e '.[test,examples]'
+	# the panel tests also run a kernel on ipykernel 6, which the package allows beside 7
+	rm -rf build/ipykernel6
+	$(PY) -m pip install -q --no-deps --target build/ipykernel6 'ipykernel>=6.20,<7' nest_asyncio
 	touch $@
 
+# The quickstart notebook, run headless in $(DEMO); the executed copy keeps its outputs and widget state.
 demo: install
-	rm -rf $(DEMO)
-	$(PY) -m dlnest_jupyter new $(DEMO) --mnist
-	$(PY) -m dlnest_jupyter run -c $(DEMO)/root_config.json --cpu -d quickstart
-	$(PY) -m dlnest_jupyter analyze -r "$$(ls -d $(DEMO)/Saves/*/ | tail -n 1)" -s getAcc --cpu
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	cp notebooks/quickstart.ipynb $(DEMO)/
+	$(VENV)/bin/jupyter execute --inplace --timeout=900 $(DEMO)/quickstart.ipynb
+	$(PY) notebooks/summary.py $(DEMO)/quickstart.ipynb
 
 test: install
 	$(PY) -m pytest -q
@@ -34,6 +38,7 @@ bench: install
 	$(PY) benchmarks/analyzer.py
 	$(PY) benchmarks/ddp.py
 	$(PY) benchmarks/server.py
+	$(PY) benchmarks/panel.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
