@@ -41,7 +41,8 @@ _STYLE = """<style>
 .dlnest-panel table {border-collapse: collapse; font-size: 12px; width: 100%}
 .dlnest-panel th, .dlnest-panel td {padding: 2px 6px; text-align: left; white-space: nowrap}
 .dlnest-panel tr.dlnest-selected {background: rgba(66, 133, 244, .15)}
-.dlnest-panel pre {font-size: 11px; margin: 0; max-height: 24em; overflow: auto; white-space: pre-wrap}
+.dlnest-panel pre {font-size: 11px; margin: 0; white-space: pre-wrap}
+.dlnest-follow {max-height: 24em; overflow: auto; display: flex; flex-direction: column-reverse}
 .dlnest-bar {display: flex; width: 160px; height: 10px; background: #ddd}
 .dlnest-bar span {display: block; height: 100%}
 .dlnest-error {color: #c00}
@@ -111,7 +112,8 @@ def tasks_html(rows: list[dict[str, Any]], selected: str | None, more: int) -> s
 
 
 def output_html(title: str, text: str) -> str:
-    return f"<b>{_esc(title)}</b><pre>{_esc(text) or '(no output yet)'}</pre>"
+    # column-reverse keeps the box scrolled to its end: the tail follows without any script
+    return f"<b>{_esc(title)}</b><div class=\"dlnest-follow\"><pre>{_esc(text) or '(no output yet)'}</pre></div>"
 
 
 def plot_svg(series: dict[str, tuple[list[int], list[float]]], title: str) -> str:
@@ -182,9 +184,11 @@ class Panel(w.VBox):
         self._context: contextvars.Context | None = None
         self._thread: threading.Thread | None = None
         # pump state
-        self._filter, self._selected, self._watched = "all", None, None
+        self._filter, self._selected, self._pinned = "all", None, None  # output: the pinned or selected task
+        self._quiet = False  #: the pump is changing the selection itself: not a user's choice
         self._due = dict.fromkeys(RATES, 0.0)
         self._metrics: dict[str, MetricsTail] = {}
+        self._settled: set[str] = set()
         self._tails: dict[tuple[str, str], OutputTail] = {}
         self._plotted: tuple[str | None, int] = (None, -1)
         self._options: list[tuple[str, str]] = []
@@ -205,7 +209,8 @@ class Panel(w.VBox):
         return self
 
     def _on_select(self, change: dict[str, Any]) -> None:
-        self._queue.put(("select", change["new"]))
+        if not self._quiet:
+            self._queue.put(("select", change["new"]))
 
     @property
     def alive(self) -> bool:
@@ -228,10 +233,11 @@ class Panel(w.VBox):
     # -- the pump -------------------------------------------------------------------------------------------
     def _pump(self) -> None:
         period = min(RATES.values())
+        event: tuple[str, Any] | None = None
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                self._context.run(self._tick)
+                self._context.run(self._tick, event)
             except Exception as exc:  # shown in the panel; the pump goes on
                 self.errors += 1
                 self._error = f"refresh error: {type(exc).__name__}: {exc}"
@@ -241,27 +247,24 @@ class Panel(w.VBox):
                     pass
             self.ticks += 1
             try:  # wait for the next due view, or for work from the front end
-                self._queue.put(self._queue.get(timeout=max(0.0, period - (time.monotonic() - started))))
+                event = self._queue.get(timeout=max(0.0, period - (time.monotonic() - started)))
             except queue.Empty:
-                pass
+                event = None
 
     def _set(self, widget: w.Widget, value: Any, name: str = "value") -> None:
         if getattr(widget, name) != value:
             setattr(widget, name, value)
 
-    def _tick(self) -> None:
+    def _tick(self, event: tuple[str, Any] | None) -> None:
         now = time.monotonic()
         refresh = False
-        while True:
-            try:
-                kind, arg = self._queue.get_nowait()
-            except queue.Empty:
-                break
+        while event is not None or not self._queue.empty():
+            kind, arg = event or self._queue.get_nowait()
+            event = None
             if kind == "stop":
                 return
             if kind == "select" and arg != self._selected:
                 self._selected, refresh = arg, True
-                self._watched = self._watched or arg
             elif kind == "filter":
                 self._filter, refresh = arg, True
             elif kind == "refresh":
@@ -272,7 +275,7 @@ class Panel(w.VBox):
                 message, new_task = arg
                 self._set(self.status, message)
                 if new_task:
-                    self._selected = self._watched = new_task
+                    self._selected = new_task
                 refresh = True
         if refresh:
             self._due = dict.fromkeys(RATES, 0.0)
@@ -295,20 +298,31 @@ class Panel(w.VBox):
     def _refresh_tasks(self) -> None:
         rows = task_rows(self._filter == "active")
         shown, more = rows[:ROWS], max(0, len(rows) - ROWS)
+        newest: dict[str, str] = {}  # package -> its newest training task: the one its files describe now
         for t in shown:
-            if t["kind"] != "analyze" and t["package"]:
+            if t["kind"] != "analyze" and t["package"] in newest:
+                t["note"] = "; ".join(filter(None, [t["note"], f"continued by {newest[t['package']]}"]))
+            elif t["kind"] != "analyze" and t["package"]:
+                newest[t["package"]] = t["id"]
                 t["progress"] = read_progress(Path(t["package"]))
-                tail = self._metrics_of(t["package"], refresh=t["status"] in ACTIVE or t["package"] not in self._metrics)
-                t["latest"] = tail.latest()
+                settled = t["package"] in self._settled  # ended, and read to its end since
+                t["latest"] = self._metrics_of(t["package"], refresh=not settled).latest()
+                if t["status"] not in ACTIVE:
+                    self._settled.add(t["package"])
+                else:
+                    self._settled.discard(t["package"])
         options = [(f"{t['id']}  {Path(t['package'] or '-').name}", t["id"]) for t in shown]
-        if options != self._options:
-            self._options = options
-            with self.select.hold_sync():
-                self.select.options = options
-                self.select.value = self._selected if self._selected in {v for _, v in options} else None
-        if self._selected is None and shown:  # nothing chosen yet: the newest task
-            self._selected = self._watched = shown[0]["id"]
-            self._set(self.select, self._selected)
+        ids = [t["id"] for t in shown]
+        if self._selected not in ids:  # nothing chosen yet, or filtered out: the newest task
+            self._selected = ids[0] if ids else None
+        if options != self._options or self.select.value != self._selected:
+            self._options, self._quiet = options, True
+            try:
+                with self.select.hold_sync():
+                    self.select.options = options
+                    self.select.value = self._selected
+            finally:
+                self._quiet = False
         self._set(self.tasks, tasks_html(shown, self._selected, more))
 
     def _metrics_of(self, package: str, refresh: bool = True) -> MetricsTail:
@@ -335,7 +349,9 @@ class Panel(w.VBox):
     def _refresh_output(self) -> None:
         from . import sessions
 
-        self._set(self.output, output_html(f"Output: {self._watched or '-'}", self._tail_of(self._watched)))
+        shown = self._pinned or self._selected
+        title = f"Output: {shown or '-'}" + (" (pinned: watch again to follow the selection)" if self._pinned else "")
+        self._set(self.output, output_html(title, self._tail_of(shown)))
         session = sessions.current
         self._set(self.session_output, output_html(f"Analyzer session: {session or '-'}", self._tail_of(session)))
 
@@ -363,8 +379,9 @@ class Panel(w.VBox):
         if task_id is None:
             self._set(self.status, "select a task first")
             return
-        if name == "watch":
-            self._watched = task_id
+        if name == "watch":  # pin the output pane to this task, or unpin it
+            self._pinned = None if self._pinned == task_id else task_id
+            self._set(self.status, f"output follows {self._pinned or 'the selected task'}")
             self._due["output"] = 0.0
             return
         self._set(self.status, f"{name} {task_id}…")

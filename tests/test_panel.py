@@ -159,6 +159,14 @@ def test_panel_models_hold_the_task_and_buttons_act(frontend: Frontend, tmp_path
                      what="the continue to be queued").group(1)
     fe.wait(lambda: "continuing from the checkpoint of epoch" in fe.html("dlnest-output"), what="the continue's output")
     assert f"[{new_id} " in fe.html("dlnest-output")  # the output pane follows the new task
+    fe.select(task_id)
+    fe.click("dlnest-action-watch")  # pins the output pane to the first task
+    fe.wait(lambda: f"Output: {task_id} (pinned" in fe.html("dlnest-output"), what="the pinned output")
+    fe.select(new_id)
+    fe.wait(lambda: f'class="dlnest-task dlnest-selected" data-task="{new_id}"' in fe.html("dlnest-panel-tasks"),
+            what="the selection to move")
+    fe.drain(1.5)
+    assert f"Output: {task_id} (pinned" in fe.html("dlnest-output")
     fe.click("dlnest-action-stop")
     fe.wait(lambda: _status(fe, new_id) == "cancelled", what="the continue to stop")
 
