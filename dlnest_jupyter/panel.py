@@ -31,7 +31,7 @@ from .tails import MetricsTail, OutputTail, output_file, read_progress
 RATES = {"output": 0.5, "tasks": 1.0, "gpus": 2.0, "plot": 5.0}
 PLOT_SHARE = 0.05  #: a plot that takes long to draw is redrawn less often: at most this share of a core
 ROWS = 50  #: tasks listed at most
-TAIL_LINES = 30
+TAIL_LINES = 25
 PLOT_POINTS = 1000  #: a series is thinned to this many points before plotting
 PLOT_SERIES = 4
 
@@ -42,7 +42,6 @@ _STYLE = """<style>
 .dlnest-panel th, .dlnest-panel td {padding: 2px 6px; text-align: left; white-space: nowrap}
 .dlnest-panel tr.dlnest-selected {background: rgba(66, 133, 244, .15)}
 .dlnest-panel pre {font-size: 11px; margin: 0; white-space: pre-wrap}
-.dlnest-follow {max-height: 24em; overflow: auto; display: flex; flex-direction: column-reverse}
 .dlnest-bar {display: flex; width: 160px; height: 10px; background: #ddd}
 .dlnest-bar span {display: block; height: 100%}
 .dlnest-error {color: #c00}
@@ -112,8 +111,8 @@ def tasks_html(rows: list[dict[str, Any]], selected: str | None, more: int) -> s
 
 
 def output_html(title: str, text: str) -> str:
-    # column-reverse keeps the box scrolled to its end: the tail follows without any script
-    return f"<b>{_esc(title)}</b><div class=\"dlnest-follow\"><pre>{_esc(text) or '(no output yet)'}</pre></div>"
+    # the whole bounded tail, unclipped: its newest line is always in view
+    return f"<b>{_esc(title)}</b><pre>{_esc(text) or '(no output yet)'}</pre>"
 
 
 def plot_svg(series: dict[str, tuple[list[int], list[float]]], title: str) -> str:

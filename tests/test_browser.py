@@ -31,6 +31,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_kernel(url: str, token: str) -> None:
+    """Until the notebook's kernel is up and idle: a Run All sent earlier can be dropped by the front end."""
+    deadline = time.monotonic() + 120
+    while True:
+        sessions = requests.get(f"{url}/api/sessions", headers={"Authorization": f"token {token}"}, timeout=5).json()
+        if sessions and all(s["kernel"]["execution_state"] == "idle" for s in sessions):
+            return
+        assert time.monotonic() < deadline, f"the kernel did not start: {sessions}"
+        time.sleep(0.5)
+
+
 @pytest.fixture
 def lab(tmp_path: Path, env):
     """JupyterLab serving a copy of the quickstart notebook, its state kept under tmp_path."""
@@ -80,9 +91,12 @@ def test_quickstart_runs_in_jupyterlab_and_the_panel_renders(lab):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{url}/lab/tree/quickstart.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+            _wait_for_kernel(url, token)
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
-            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+            # the first cell gets its execution count once the kernel ran it
+            page.locator(".jp-InputPrompt", has_text="[1]").first.wait_for(timeout=60_000)
 
             panel = page.locator(".dlnest-panel")
             panel.wait_for(timeout=180_000)
@@ -105,6 +119,9 @@ def test_quickstart_runs_in_jupyterlab_and_the_panel_renders(lab):
             panel.scroll_into_view_if_needed()
             panel.screenshot(path=str(ARTIFACTS / "panel.png"))
             page.screenshot(path=str(ARTIFACTS / "quickstart.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)  # what the browser showed
+            raise
         finally:
             browser.close()
     assert (ARTIFACTS / "panel.png").stat().st_size > 10_000
