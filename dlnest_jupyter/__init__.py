@@ -24,7 +24,7 @@ _LAZY = {
     "load": (".analysis", "load"),
     "analyze": (".analysis", "analyze"),
     "new_project": (".scaffold", "new_project"),
-    "panel": (".panel", "panel"),
+    "panel": (".panels", "panel"),
 }
 
 

@@ -164,7 +164,7 @@ class DLNestMagics(Magics):
     @_guard
     def dlnest_panel(self, line: str) -> None:
         """Show the panel: GPUs, tasks (stop/continue/watch/analyze), live output and metric plots."""
-        from .panel import panel
+        from .panels import panel
 
         _parse("%dlnest_panel", line)
         panel()

@@ -192,7 +192,7 @@ def test_panel_shows_refresh_errors_survives_them_and_stops_when_closed(frontend
     metrics.rmdir()
     metrics.write_bytes(saved)
     fe.wait(lambda: fe.html("dlnest-status") == "", timeout=30, what="the error to clear")
-    fe.execute("from dlnest_jupyter import panel as p; assert p._panel.alive and p._panel.errors > 0")
+    fe.execute("from dlnest_jupyter import panels as p; assert p._panel.alive and p._panel.errors > 0")
 
     fe.click("dlnest-panel-close")
     panel_id = fe.displayed[0][0]
