@@ -86,8 +86,8 @@ def compare(k: Kernel, label: str) -> None:
     sides: dict[str, list[dict[str, float]]] = {"panel": [], "none": []}
     for r in range(ROUNDS):
         for side in (["panel", "none"] if r % 2 == 0 else ["none", "panel"]):
-            k.run("from dlnest_jupyter import panels as _p; _p.panel() if %r else (_p._panel and _p._panel.close())"
-                  % (side == "panel"))
+            k.run("from dlnest_jupyter import panels as _p\n"
+                  + ("display(_p.panel())" if side == "panel" else "_p._panel and _p._panel.close()"))
             time.sleep(2)  # the first refresh (and the plot's first draw) is not the steady state
             sides[side].append(k.window(WINDOW))
     med = {s: {m: statistics.median(w[m] for w in ws) for m in ("cpu", "latency", "msgs")} for s, ws in sides.items()}

@@ -164,10 +164,12 @@ class DLNestMagics(Magics):
     @_guard
     def dlnest_panel(self, line: str) -> None:
         """Show the panel: GPUs, tasks (stop/continue/watch/analyze), live output and metric plots."""
+        from IPython.display import display
+
         from .panels import panel
 
         _parse("%dlnest_panel", line)
-        panel()
+        display(panel())
 
     @line_magic
     @_guard

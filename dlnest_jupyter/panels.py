@@ -146,7 +146,7 @@ def plot_svg(series: dict[str, tuple[list[int], list[float]]], title: str) -> st
 
 
 class Panel(w.VBox):
-    """The widgets and their pump. Build it in a cell (``panel()``); it stops when closed."""
+    """The widgets and their pump, which starts when the panel is first shown and stops when it is closed."""
 
     def __init__(self) -> None:
         self.filter = w.ToggleButtons(options=[("active", "active"), ("all", "all")], value="all",
@@ -191,21 +191,19 @@ class Panel(w.VBox):
         self._tails: dict[tuple[str, str], OutputTail] = {}
         self._plotted: tuple[str | None, int] = (None, -1)
         self._options: list[tuple[str, str]] = []
-        self._error: str | None = None
+        self._message = ""  #: what the last action did
+        self._problems: dict[str, str] = {}  #: view -> its refresh error, until it refreshes again
         self.ticks = self.errors = 0  #: for tests and benchmarks
 
     # -- the cell's side ------------------------------------------------------------------------------------
-    def show(self) -> "Panel":
-        """Display (again) in the current cell; its context becomes the pump's."""
-        from IPython.display import display
-
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        """Shown in a cell (again): that cell's context becomes the pump's, and the pump starts."""
         self._context = contextvars.copy_context()
-        display(self)
         if self._thread is None:
             self._thread = threading.Thread(target=self._pump, name="dlnest-panel", daemon=True)
             self._thread.start()
         self._queue.put(("refresh", None))
-        return self
+        return super()._repr_mimebundle_(**kwargs)
 
     def _on_select(self, change: dict[str, Any]) -> None:
         if not self._quiet:
@@ -237,13 +235,8 @@ class Panel(w.VBox):
             started = time.monotonic()
             try:
                 self._context.run(self._tick, event)
-            except Exception as exc:  # shown in the panel; the pump goes on
-                self.errors += 1
-                self._error = f"refresh error: {type(exc).__name__}: {exc}"
-                try:
-                    self._context.run(self._set, self.status, f'<span class="dlnest-error">{_esc(self._error)}</span>')
-                except Exception:
-                    pass
+            except Exception as exc:  # not a view's refresh: the panel itself; still shown, still going
+                self._failed("panel", exc)
             self.ticks += 1
             try:  # wait for the next due view, or for work from the front end
                 event = self._queue.get(timeout=max(0.0, period - (time.monotonic() - started)))
@@ -253,6 +246,19 @@ class Panel(w.VBox):
     def _set(self, widget: w.Widget, value: Any, name: str = "value") -> None:
         if getattr(widget, name) != value:
             setattr(widget, name, value)
+
+    def _failed(self, view: str, exc: Exception) -> None:
+        self.errors += 1
+        self._problems[view] = f"refresh error ({view}): {type(exc).__name__}: {exc}"
+        try:
+            self._context.run(self._show_status)
+        except Exception:
+            pass
+
+    def _show_status(self) -> None:
+        """The last action's message, then each view's error until that view refreshes again."""
+        lines = [self._message] + [f'<span class="dlnest-error">{_esc(p)}</span>' for p in self._problems.values()]
+        self._set(self.status, "<br>".join(filter(None, lines)))
 
     def _tick(self, event: tuple[str, Any] | None) -> None:
         now = time.monotonic()
@@ -270,29 +276,26 @@ class Panel(w.VBox):
                 refresh = True
             elif kind == "action":
                 self._start_action(arg)
-            elif kind == "done":  # an action's result: a status line, and maybe a task to select
-                message, new_task = arg
-                self._set(self.status, message)
+            elif kind == "done":  # an action's result: a message, and maybe a task to select
+                self._message, new_task = arg
                 if new_task:
                     self._selected = new_task
                 refresh = True
         if refresh:
             self._due = dict.fromkeys(RATES, 0.0)
-        if now >= self._due["tasks"]:
-            self._due["tasks"] = now + RATES["tasks"]
-            self._refresh_tasks()
-        if now >= self._due["gpus"]:
-            self._due["gpus"] = now + RATES["gpus"]
-            self._set(self.gpus, gpus_html(gpu_rows(), devices.host()))
-        if now >= self._due["output"]:
-            self._due["output"] = now + RATES["output"]
-            self._refresh_output()
-        if now >= self._due["plot"]:
-            self._due["plot"] = now + RATES["plot"]
-            self._refresh_plot()
-        if self._error is not None:  # a refresh went through again
-            self._error = None
-            self._set(self.status, "")
+        for view, refresh_view in [("tasks", self._refresh_tasks), ("gpus", self._refresh_gpus),
+                                   ("output", self._refresh_output), ("plot", self._refresh_plot)]:
+            if now >= self._due[view]:
+                self._due[view] = now + RATES[view]
+                try:
+                    refresh_view()
+                    self._problems.pop(view, None)
+                except Exception as exc:  # shown on the status line; the other views and the pump go on
+                    self._failed(view, exc)
+        self._show_status()
+
+    def _refresh_gpus(self) -> None:
+        self._set(self.gpus, gpus_html(gpu_rows(), devices.host()))
 
     def _refresh_tasks(self) -> None:
         rows = task_rows(self._filter == "active")
@@ -376,14 +379,14 @@ class Panel(w.VBox):
         through the queue."""
         task_id = self._selected
         if task_id is None:
-            self._set(self.status, "select a task first")
+            self._message = "select a task first"
             return
         if name == "watch":  # pin the output pane to this task, or unpin it
             self._pinned = None if self._pinned == task_id else task_id
-            self._set(self.status, f"output follows {self._pinned or 'the selected task'}")
+            self._message = f"output follows {self._pinned or 'the selected task'}"
             self._due["output"] = 0.0
             return
-        self._set(self.status, f"{name} {task_id}…")
+        self._message = f"{name} {task_id}…"
         threading.Thread(target=self._action, args=(name, task_id), name=f"dlnest-panel-{name}", daemon=True).start()
 
     def _action(self, name: str, task_id: str) -> None:
@@ -425,8 +428,8 @@ _ACTIONS: dict[str, Callable[[str], tuple[str, str | None]]] = {
 
 
 def panel() -> Panel:
-    """Show this kernel's panel in the current cell (the same one each time, until it is closed)."""
+    """This kernel's panel (the same one each time, until it is closed): display it, or end a cell with it."""
     global _panel
     if _panel is None or _panel.comm is None:
         _panel = Panel()
-    return _panel.show()
+    return _panel

@@ -188,7 +188,8 @@ def test_panel_shows_refresh_errors_survives_them_and_stops_when_closed(frontend
     saved = metrics.read_bytes()
     metrics.unlink()
     metrics.mkdir()  # reading it now fails in the refresher
-    fe.wait(lambda: "refresh error: IsADirectoryError" in fe.html("dlnest-status"), timeout=30, what="the error")
+    fe.wait(lambda: re.search(r"refresh error \(\w+\): IsADirectoryError", fe.html("dlnest-status")), timeout=30,
+            what="the error")
     metrics.rmdir()
     metrics.write_bytes(saved)
     fe.wait(lambda: fe.html("dlnest-status") == "", timeout=30, what="the error to clear")
