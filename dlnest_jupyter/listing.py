@@ -23,7 +23,9 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def tasks_table(active_only: bool = False) -> str:
     from .api import ledger
+    from .scheduler import refresh_external
 
+    refresh_external(ledger())  # Slurm tasks: their state as squeue says now, even with no dispatcher running
     rows = ledger().tasks(ACTIVE if active_only else None)
     if not rows:
         return "no tasks" if not active_only else "no active tasks"
@@ -31,6 +33,8 @@ def tasks_table(active_only: bool = False) -> str:
     out = []
     for t in rows:
         where = ",".join(t["placement"] or []) or ("cpu" if t["request"].get("cpu") else "-")
+        if t["slurm_job_id"]:
+            where = f"slurm:{t['slurm_job_id']}" + (f"@{where}" if where != "-" else "")
         elapsed = ((t["ended"] or now) - t["started"]) if t["started"] else None
         note = t["error"] if t["status"] in ("failed", "cancelled") and t["error"] else (t["description"] or "")
         out.append([t["id"], t["kind"], t["status"], where, _age(elapsed), t["package"], note])
