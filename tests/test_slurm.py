@@ -199,3 +199,31 @@ def test_project_default_executor_and_the_time_limit(tmp_path: Path, env, slurm)
     assert time.monotonic() - started > 40
     record = json.loads((task.package / "record.json").read_text())
     assert record["status"] in ("failed", "cancelled") and _lines(task.package) > 0
+
+
+def test_rest_api_submits_lists_tails_and_cancels_slurm_tasks(tmp_path: Path, env, slurm):
+    """A project whose root_config names Slurm, driven over a real jupyter server's REST API: the server's
+    dispatcher follows the jobs (no kernel anywhere), output comes from the package, cancel scancels."""
+    from test_server import Server
+
+    project = new_project(tmp_path / "mnist", mnist=True)
+    edit_json(project / "root_config.json", executor={"name": "slurm"})
+    srv = Server(tmp_path, env).start()
+    try:
+        short = srv.post("tasks", {"config": "mnist/root_config.json", "cpu": True, "overrides": ["epochs=1"]})
+        long = srv.post("tasks", {"config": "mnist/root_config.json", "cpu": True, "overrides": ["epochs=500"]})
+        assert short.status_code == long.status_code == 201, (short.text, long.text)
+        short, long = short.json(), long.json()
+        assert short["slurm_job_id"] and long["slurm_job_id"] and short["status"] == "starting"
+        done = srv.wait_status(short["id"], ("done", "failed", "cancelled"))
+        assert done["status"] == "done" and done["placement"] == ["localhost"], done
+        out = srv.get(f"tasks/{short['id']}/output").json()
+        assert f"[dlnest] Slurm job {short['slurm_job_id']}" in out["text"] and out["complete"]
+        srv.wait_status(long["id"], ("running",))
+        listed = {t["id"]: t for t in srv.get("tasks").json()["tasks"]}
+        assert listed[long["id"]]["slurm_job_id"] == long["slurm_job_id"]
+        cancelled = srv.post(f"tasks/{long['id']}/cancel").json()
+        assert cancelled["status"] == "cancelled", cancelled
+        assert _job_state(slurm, long["slurm_job_id"]) == "CANCELLED"
+    finally:
+        srv.stop()
