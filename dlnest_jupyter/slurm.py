@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ from .ledger import ACTIVE, FINAL, Ledger
 from .package import SavePackage
 
 #: keys of an ``"executor"`` block in root_config (or of ``executor=`` in Python); the flags override them
-OPTIONS = ("name", "partition", "gpus", "nodes", "time", "cpus_per_task", "mem_gb", "signal_delay_s", "additional")
+OPTIONS = ("name", "partition", "gpus", "nodes", "time", "cpus_per_task", "mem_gb", "signal_delay_s",
+           "requeue_on_timeout", "additional")
 PENDING = ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED")
 RUNNING = ("RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING")
 TIME_RE = re.compile(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)$|^(\d+)$")
@@ -90,6 +92,11 @@ def options(default: Any, **flags: Any) -> dict[str, Any]:
     for key in ("gpus", "nodes", "cpus_per_task", "signal_delay_s"):
         if (value := _positive(key, spec.get(key))) is not None:
             out[key] = value
+    if spec.get("requeue_on_timeout") is not None:
+        value = spec["requeue_on_timeout"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DLNestError(f"executor requeue_on_timeout must be a whole number >= 0, got {value!r}")
+        out["requeue_on_timeout"] = value
     if spec.get("time") is not None:
         out["time"] = str(spec["time"])
         out["time_min"] = _minutes(out["time"])
@@ -138,17 +145,19 @@ def is_slurm(task: dict[str, Any]) -> bool:
 class SlurmRun:
     """What submitit runs in each Slurm task (one per rank): the worker entry point on the package.
 
-    A restart of the same job (``SLURM_RESTART_COUNT`` > 0: preemption or ``scontrol requeue``) resumes from
-    the newest checkpoint, whatever the first start was; ``checkpoint`` is submitit's hook for Slurm's
-    pre-emption signal: it stops the worker (SIGTERM: an in-flight checkpoint still lands) and has submitit
-    requeue this same callable, which then resumes."""
+    A restart of the same job (``SLURM_RESTART_COUNT`` > 0: preemption or ``scontrol requeue``, whose SIGTERM
+    the worker takes as an interruption) resumes from the newest checkpoint, whatever the first start was.
+    ``checkpoint`` is submitit's hook for the signal Slurm sends ``signal_delay_s`` before the time limit: it
+    stops the worker (SIGTERM: an in-flight checkpoint still lands) and, while ``requeue_on_timeout`` allows,
+    submitit requeues this same callable, which then resumes; past that the job ends, failed for time."""
 
     def __init__(self, task_id: str, package: str, *, resume: bool, ckpt: int | None, cpu: bool, ddp: bool):
         self.task_id, self.package, self.resume, self.ckpt, self.cpu, self.ddp = task_id, package, resume, ckpt, cpu, ddp
         self._proc: subprocess.Popen | None = None
+        self._ended: threading.Event | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_proc": None}
+        return {**self.__dict__, "_proc": None, "_ended": None}
 
     def __call__(self) -> int:
         import submitit
@@ -160,8 +169,6 @@ class SlurmRun:
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         world = job.num_tasks if self.ddp else 1
         rank = job.global_rank if self.ddp else 0
-        if rank >= world:
-            return 0
         pkg = SavePackage(self.package)
         # DLNEST_SIMULATED_GPUS: Slurm allocates the (fake) GPUs, training runs on the CPU, as on simulated local GPUs
         cpu = self.cpu or os.environ.get(SIMULATED) is not None
@@ -189,22 +196,26 @@ class SlurmRun:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                           env=env, cwd=pkg.path,
                                           preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
+        # a thread reaps the worker; this (main) thread only waits on an event, so submitit's signal handler,
+        # which runs here and calls ``checkpoint``, never meets a Popen.wait holding the waitpid lock
+        self._ended = threading.Event()
+        threading.Thread(target=lambda: (self._proc.wait(), self._ended.set()), daemon=True).start()
         try:
-            code = self._proc.wait()
+            while not self._ended.wait(1.0):
+                pass
         finally:
             self._stop_worker()
+        code = self._proc.returncode
         if code != 0:
             raise RuntimeError(f"the worker exited with status {code}")
         return code
 
     def _stop_worker(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
+        if self._proc is not None and self._ended is not None and not self._ended.is_set():
             self._proc.terminate()
-            try:
-                self._proc.wait(60)
-            except subprocess.TimeoutExpired:
+            if not self._ended.wait(60):
                 self._proc.kill()
-                self._proc.wait()
+                self._ended.wait()
 
     def checkpoint(self) -> Any:
         """submitit's hook: stop the worker, requeue a run that resumes from the newest checkpoint."""
@@ -235,8 +246,10 @@ def submit(ledger: Ledger, task: dict[str, Any]) -> str:
                               "signal_delay_s": ex.get("signal_delay_s", 90)}
     if ex.get("partition"):
         params["partition"] = ex["partition"]
-    if ex.get("time_min"):
-        params["time"] = ex["time_min"]
+    # submitit writes --time=5 unless told: no --time means the partition's limit, which submitit must also know
+    # to tell a time-limit signal from a pre-emption
+    time_min = ex.get("time_min") or _partition_minutes(ex.get("partition"))
+    params["time"] = time_min
     if not req.get("cpu"):
         params["gpus_per_node"] = req["gpus"]
     if ex.get("cpus_per_task"):
@@ -245,8 +258,8 @@ def submit(ledger: Ledger, task: dict[str, Any]) -> str:
         params["mem"] = ex["mem_gb"]
     if ex.get("additional"):
         params["additional_parameters"] = ex["additional"]
-    # max_num_timeout=0: a time limit ends the task (failed, "time limit"); pre-emption and requeue resume it
-    executor = submitit.SlurmExecutor(folder=_slurm_folder(pkg), max_num_timeout=0)
+    # a time limit ends the task (failed for time) unless requeue_on_timeout lets submitit requeue it
+    executor = submitit.SlurmExecutor(folder=_slurm_folder(pkg), max_num_timeout=ex.get("requeue_on_timeout", 0))
     run = SlurmRun(task["id"], str(pkg.path), resume=task["kind"] == "continue", ckpt=req.get("ckpt"),
                    cpu=bool(req.get("cpu")), ddp=bool(req.get("ddp")))
     try:
@@ -264,8 +277,27 @@ def submit(ledger: Ledger, task: dict[str, Any]) -> str:
         raise DLNestError(error)
     with ledger.transaction() as db:
         ledger.update(db, task["id"], slurm_job_id=str(job.job_id))
-    pkg.update_record(slurm_job_id=str(job.job_id))
+    pkg.update_record(slurm_job_id=str(job.job_id), slurm_time_min=time_min)
     return str(job.job_id)
+
+
+def _partition_minutes(partition: str | None) -> int | None:
+    """The time limit Slurm gives a job of ``partition`` (else the default partition) without ``--time``:
+    its DefaultTime, else its MaxTime; None when unlimited or unknown (sbatch then says why)."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P|%L|%l"], capture_output=True, text=True,
+                             timeout=SQUEUE_TIMEOUT_S).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        name, default, maximum = (line.strip().split("|") + ["", ""])[:3]
+        if (partition and name.rstrip("*") == partition) or (not partition and name.endswith("*")):
+            limit = default if default not in ("", "n/a", "NONE") else maximum
+            try:
+                return _minutes(limit)
+            except DLNestError:  # "infinite"
+                return None
+    return None
 
 
 def _sbatch_reason(stderr: str) -> str:
@@ -322,13 +354,14 @@ def _verdict(task: dict[str, Any], state: str | None, reason: str) -> tuple[str,
         record = pkg.record()
     except DLNestError:
         record = {}
-    limit = (task["request"].get("executor") or {}).get("time")
+    limit = (task["request"].get("executor") or {}).get("time") or (
+        f"the partition's {record['slurm_time_min']} min" if record.get("slurm_time_min") else "the partition's")
     if record.get("status") == "done" and state in (None, "COMPLETED", "COMPLETING"):
         return "done", None
     if task["cancel_requested"]:
         return "cancelled", "cancelled"
     if state == "TIMEOUT" or (state == "FAILED" and _log_says_timeout(pkg, job)):
-        return "failed", f"Slurm job {job} was killed at its time limit ({limit or 'the partition default'})"
+        return "failed", f"Slurm job {job} was killed at its time limit ({limit})"
     if state == "CANCELLED":
         return "cancelled", f"Slurm job {job} was cancelled outside dlnest (scancel or an administrator)"
     if record.get("status") == "failed" and record.get("error"):

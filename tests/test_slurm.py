@@ -186,19 +186,25 @@ def test_unknown_partition_is_one_clear_line_and_a_failed_task(tmp_path: Path, e
         "dlnest_jupyter: error: -m books memory on this machine's GPUs; Slurm allocates whole GPUs: use --gpus N")
 
 
-def test_project_default_executor_and_the_time_limit(tmp_path: Path, env, slurm):
-    """root_config's "executor" block makes Slurm the project's default; a job killed at its time limit fails
-    the task with that reason, and the package's record says so too."""
+def test_project_default_executor_time_limit_and_the_checkpoint_hook(tmp_path: Path, env, slurm):
+    """root_config's "executor" block makes Slurm the project's default. Slurm signals the job before its time
+    limit; submitit's checkpoint hook stops the worker and requeues the job once (requeue_on_timeout: 1), which
+    continues the package; at the second limit the task fails for time, in the ledger and in the record."""
     project = new_project(tmp_path / "mnist", mnist=True)
-    edit_json(project / "root_config.json", executor={"name": "slurm", "time": "00:01:00", "signal_delay_s": 10})
+    edit_json(project / "root_config.json", executor={"name": "slurm", "time": "00:01:00", "signal_delay_s": 10,
+                                                      "requeue_on_timeout": 1})
     task = api.submit(project / "root_config.json", cpu=True, overrides=["epochs=100000"])
     assert task.slurm_job_id and task.row["request"]["executor"]["time_min"] == 1
-    started = time.monotonic()
-    assert task.wait(240) == "failed"
+    assert task.wait(400) == "failed"
     assert task.error == f"Slurm job {task.slurm_job_id} was killed at its time limit (00:01:00)"
-    assert time.monotonic() - started > 40
     record = json.loads((task.package / "record.json").read_text())
-    assert record["status"] in ("failed", "cancelled") and _lines(task.package) > 0
+    assert record["status"] in ("failed", "cancelled") and len(record["attempts"]) == 2
+    assert record["attempts"][1]["resumed_from"] >= 1
+    output = (task.package / "_output.txt").read_text()
+    assert f"Slurm job {task.slurm_job_id} (restart 1)" in output
+    assert "[dlnest] continuing from the checkpoint of epoch" in output
+    log = (task.package / "slurm" / f"{task.slurm_job_id}_0_log.err").read_text()
+    assert log.count("Caught signal SIGUSR2") == 2 and "timed-out too many times" in log
 
 
 def test_rest_api_submits_lists_tails_and_cancels_slurm_tasks(tmp_path: Path, env, slurm):
@@ -227,3 +233,19 @@ def test_rest_api_submits_lists_tails_and_cancels_slurm_tasks(tmp_path: Path, en
         assert _job_state(slurm, long["slurm_job_id"]) == "CANCELLED"
     finally:
         srv.stop()
+
+
+def test_cpu_ddp_ranks_are_slurm_tasks_meeting_in_the_package(tmp_path: Path, env, slurm):
+    """--ddp --procs 2: two Slurm tasks (srun) on the node, ranks from Slurm's environment, a file store in the
+    package for the rendezvous (one node: no port opened), one output file per rank."""
+    project = new_project(tmp_path / "mnist", mnist=True)
+    task = api.submit(project / "root_config.json", executor="slurm", cpu=True, ddp=True, procs=2,
+                      overrides=["epochs=1"])
+    assert task.wait(300) == "done", task.error
+    record = json.loads((task.package / "record.json").read_text())
+    assert record["status"] == "done" and record["world_size"] == 2
+    for rank in (0, 1):
+        text = (task.package / f"_output{rank}.txt").read_text()
+        assert f"[dlnest] Slurm job {task.slurm_job_id} (restart 0) on localhost, rank {rank}/2" in text
+        assert f"rank {rank}/2 on cpu" in text
+    assert "NumTasks=2" in slurm.run("scontrol", "show", "job", task.slurm_job_id).stdout
