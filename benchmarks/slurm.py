@@ -45,7 +45,22 @@ def first_step_time(pkg: Path, timeout: float = 300) -> float:
     raise TimeoutError(f"no first step in {pkg}")
 
 
-def one(config: Path, executor: str) -> tuple[float, float]:
+def slurm_wait(job: str) -> str:
+    """Seconds the job waited in Slurm's queue (StartTime - SubmitTime: whole seconds, Slurm's resolution)."""
+    import datetime as dt
+    import re
+    import subprocess
+
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    times = dict(re.findall(r"(SubmitTime|StartTime)=(\S+)", out))
+    try:
+        start, submit = (dt.datetime.fromisoformat(times[k]) for k in ("StartTime", "SubmitTime"))
+    except (KeyError, ValueError):
+        return "?"
+    return f"{(start - submit).total_seconds():.0f} s"
+
+
+def one(config: Path, executor: str) -> tuple[float, float, str]:
     import dlnest_jupyter
 
     t0 = time.time()
@@ -54,7 +69,7 @@ def one(config: Path, executor: str) -> tuple[float, float]:
     first = first_step_time(task.package) - t0
     status = task.wait(300)
     assert status == "done", (executor, status, task.error)
-    return returned, first
+    return returned, first, (f", queued in Slurm {slurm_wait(task.slurm_job_id)}" if task.slurm_job_id else "")
 
 
 def main() -> int:
@@ -78,13 +93,13 @@ def main() -> int:
 
             config = new_project(tmp_path / "mnist", mnist=True) / "root_config.json"
             one(config, "local")  # warm the page cache and the code store: not counted
-            results: dict[str, list[tuple[float, float]]] = {"local": [], "slurm": []}
+            results: dict[str, list[tuple[float, float, str]]] = {"local": [], "slurm": []}
             for r in range(ROUNDS):
                 for executor in (("local", "slurm") if r % 2 == 0 else ("slurm", "local")):
                     results[executor].append(one(config, executor))
-                    ret, first = results[executor][-1]
+                    ret, first, note = results[executor][-1]
                     print(f"round {r + 1} {executor:5s}: submit returned {ret * 1000:7.1f} ms, first step after "
-                          f"{first:6.2f} s")
+                          f"{first:6.2f} s{note}")
         finally:
             cluster.stop()
     med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in results.items()}

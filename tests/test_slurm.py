@@ -70,6 +70,30 @@ def test_options_are_checked_before_anything_is_created():
             options(default, **flags)
 
 
+def test_slurm_tasks_take_no_local_slot_and_a_lost_submission_fails(tmp_path: Path, monkeypatch):
+    """On a real ledger (no Slurm needed): a running Slurm CPU task leaves the local CPU slot free, and one
+    booked whose submitter died before sbatch answered is failed, not resubmitted."""
+    import dlnest_jupyter.scheduler as scheduler
+    from dlnest_jupyter.ledger import Ledger
+
+    monkeypatch.setenv("DLNEST_HOME", str(tmp_path / "home"))
+    ledger = Ledger()
+    slurm_req = {"cpu": True, "memory_mb": None, "executor": {"name": "slurm"}}
+    with ledger.transaction() as db:
+        ledger.insert(db, {"id": "T_run", "kind": "train", "status": "running", "request": slurm_req,
+                           "created": time.time() - 100, "started": time.time() - 100})
+        ledger.insert(db, {"id": "T_lost", "kind": "train", "status": "starting", "request": slurm_req,
+                           "created": time.time() - 100, "started": time.time() - 100})
+        ledger.insert(db, {"id": "T_local", "kind": "train", "status": "queued", "request": {"cpu": True},
+                           "created": time.time()})
+    launched = []
+    assert scheduler.dispatch_once(ledger, launch=lambda _l, t: launched.append(t["id"]),
+                                   settings=scheduler.Settings(cpu_slots=1, start_timeout_s=60)) == ["T_local"]
+    assert launched == ["T_local"] and ledger.get("T_run")["status"] == "running"
+    lost = ledger.get("T_lost")
+    assert lost["status"] == "failed" and lost["error"].startswith("its submission to Slurm never completed")
+
+
 def test_daemons_listen_on_loopback_only(slurm):
     listening = [c for pid in slurm.pids.values() for c in psutil.Process(pid).net_connections("inet")
                  if c.status == psutil.CONN_LISTEN]
@@ -249,3 +273,9 @@ def test_cpu_ddp_ranks_are_slurm_tasks_meeting_in_the_package(tmp_path: Path, en
         assert f"[dlnest] Slurm job {task.slurm_job_id} (restart 0) on localhost, rank {rank}/2" in text
         assert f"rank {rank}/2 on cpu" in text
     assert "NumTasks=2" in slurm.run("scontrol", "show", "job", task.slurm_job_id).stdout
+    again = api.continue_(task.package, executor="slurm", cpu=True)  # keeps its world size, as a local continue
+    assert again.wait(300) == "done", again.error
+    assert again.slurm_job_id != task.slurm_job_id and again.row["request"]["procs"] == 2
+    record = json.loads((task.package / "record.json").read_text())
+    assert [a["resumed_from"] for a in record["attempts"]] == [None, 1]
+    assert "[dlnest] continuing from the checkpoint of epoch 1" in (task.package / "_output0.txt").read_text()
