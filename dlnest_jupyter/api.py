@@ -207,7 +207,9 @@ def cancel(task_id: str, timeout: float = 30.0) -> "Task":
     with ledger().transaction() as db:
         ledger().update(db, task_id, cancel_requested=1)
     row = ledger().get(task_id)
-    if (row["request"].get("executor") or {}).get("name") == "slurm":
+    from .scheduler import executor
+
+    if executor(row) == "slurm":
         from . import slurm
 
         slurm.cancel(ledger(), task_id, max(timeout, 60.0))  # Slurm's KillWait (30 s by default) comes first

@@ -18,7 +18,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -75,8 +74,10 @@ def options(default: Any, **flags: Any) -> dict[str, Any]:
     unknown = sorted(set(spec) - set(OPTIONS))
     if unknown:
         raise DLNestError(f'root_config "executor": unknown key(s) {", ".join(unknown)}; known: {", ".join(OPTIONS)}')
+    if spec and "name" not in spec:
+        raise DLNestError('root_config "executor" needs a "name": "slurm" (or "local")')
     spec.update({k: v for k, v in flags.items() if v is not None})
-    name = spec.get("name") or ("slurm" if spec.get("partition") else "local")
+    name = spec.get("name") or "local"
     if name not in ("local", "slurm"):
         raise DLNestError(f"unknown executor {name!r}: use local or slurm")
     if name == "local":
@@ -123,7 +124,7 @@ def request(cpu: bool, memory_mb: int | None, ddp: bool, gpus: int | None, procs
         raise DLNestError("--attached ties a task to this process; a Slurm job lives on in the cluster")
     if cpu and gpus is not None:
         raise DLNestError("--gpus asks Slurm for GPUs: drop --cpu (or --gpus)")
-    if procs is not None and not (cpu and ddp) or (procs is not None and procs < 1):
+    if procs is not None and (not (cpu and ddp) or procs < 1):
         raise DLNestError("--procs N (N >= 1) is for CPU DDP: add --cpu --ddp")
     if gpus is not None and gpus < 1:
         raise DLNestError("--gpus N needs N >= 1")
@@ -135,10 +136,6 @@ def request(cpu: bool, memory_mb: int | None, ddp: bool, gpus: int | None, procs
     per_node = None if cpu else (gpus or executor.get("gpus") or 1)
     return {"cpu": cpu, "memory_mb": None, "ddp": ddp, "gpus": per_node,
             "procs": (procs or 2) if ddp and cpu else None, "executor": executor, **extra}
-
-
-def is_slurm(task: dict[str, Any]) -> bool:
-    return ((task.get("request") or {}).get("executor") or {}).get("name") == "slurm"
 
 
 # -- inside the job ---------------------------------------------------------------------------------------
@@ -277,8 +274,16 @@ def submit(ledger: Ledger, task: dict[str, Any]) -> str:
         raise DLNestError(error)
     with ledger.transaction() as db:
         ledger.update(db, task["id"], slurm_job_id=str(job.job_id))
+        cancelled = ledger.get(task["id"], db)["cancel_requested"]
     pkg.update_record(slurm_job_id=str(job.job_id), slurm_time_min=time_min)
+    if cancelled:  # del came while sbatch ran
+        _scancel(str(job.job_id))
     return str(job.job_id)
+
+
+def _scancel(job: str) -> None:
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # a job Slurm no longer knows is ended anyway
+        subprocess.run(["scancel", job], capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)
 
 
 def _partition_minutes(partition: str | None) -> int | None:
@@ -406,20 +411,21 @@ def refresh(ledger: Ledger, force: bool = False) -> None:
 
 
 def cancel(ledger: Ledger, task_id: str, timeout: float) -> None:
-    """scancel the task's job (all its steps) and wait until Slurm has ended every process of it."""
-    row = ledger.get(task_id)
-    job = row["slurm_job_id"]
-    if job:
-        subprocess.run(["scancel", job], capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)
+    """scancel the task's job (all its steps) and wait until Slurm has ended every process of it.
+
+    ``cancel_requested`` is already set: a submission still in flight scancels its job itself once sbatch
+    answers (``submit``); one whose submitter died is failed by the dispatcher."""
     deadline = time.monotonic() + timeout
+    sent = None
     while time.monotonic() < deadline:
         row = ledger.get(task_id)
         if row["status"] in FINAL:
             return
-        if not row["slurm_job_id"]:  # not submitted yet: its submitter sees cancel_requested... or nobody does
-            if row["status"] == "queued" or time.monotonic() > deadline - timeout / 2:
-                ledger.finish(task_id, "cancelled", error="cancelled before Slurm had it")
-                return
+        if row["status"] == "queued" and ledger.finish(task_id, "cancelled", error="cancelled while queued"):
+            return
+        if row["slurm_job_id"] and row["slurm_job_id"] != sent:
+            sent = row["slurm_job_id"]
+            _scancel(sent)
         refresh(ledger, force=True)
         time.sleep(0.2)
-    ledger.finish(task_id, "cancelled", error=f"cancelled (scancel {job}: Slurm did not confirm within {timeout:.0f} s)")
+    ledger.finish(task_id, "cancelled", error=f"cancelled (scancel {sent}: Slurm did not confirm within {timeout:.0f} s)")

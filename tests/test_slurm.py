@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -63,6 +62,7 @@ def test_options_are_checked_before_anything_is_created():
         ({"name": "slurm", "partion": "x"}, {}, "unknown key(s) partion"),
         (None, {"partition": "x", "name": "local"}, "--partition goes with --executor slurm"),
         ("pbs", {}, "unknown executor 'pbs'"),
+        ({"partition": "gpu"}, {}, 'needs a "name"'),
         ("slurm", {"time": "soon"}, "--time 'soon': use HH:MM:SS"),
         ({"name": "slurm", "nodes": 0}, {}, "nodes must be a positive integer"),
     ]:
