@@ -94,6 +94,14 @@ def test_slurm_tasks_take_no_local_slot_and_a_lost_submission_fails(tmp_path: Pa
     assert lost["status"] == "failed" and lost["error"].startswith("its submission to Slurm never completed")
 
 
+def test_load_ext_and_listing_import_neither_submitit_nor_torch(env):
+    out, _ = shell("""
+        ip.run_line_magic('dlnest_tasks', '')
+        print(sorted(m for m in ('torch', 'submitit', 'dlnest_jupyter.slurm') if m in sys.modules))
+    """, env)
+    assert out.strip().splitlines()[-1] == "[]"
+
+
 def test_daemons_listen_on_loopback_only(slurm):
     listening = [c for pid in slurm.pids.values() for c in psutil.Process(pid).net_connections("inet")
                  if c.status == psutil.CONN_LISTEN]
