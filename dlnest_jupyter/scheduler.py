@@ -118,7 +118,8 @@ def reconcile(ledger: Ledger, settings: Settings, db: Any) -> None:
     now = time.time()
     for t in ledger.tasks(("starting", "running"), db=db):
         if executor(t) != "local":
-            if t["status"] == "starting" and not t["slurm_job_id"] and now - (t["started"] or now) > settings.start_timeout_s:
+            lost = t["status"] == "starting" and not t["slurm_job_id"]
+            if lost and now - (t["started"] or now) > settings.start_timeout_s:
                 # booked, but whoever was submitting it ended before sbatch answered: requeueing could submit twice
                 ledger.update(db, t["id"], status="failed", ended=now, error="its submission to Slurm never "
                               "completed (the submitting process ended first)")

@@ -149,7 +149,8 @@ class SlurmRun:
     submitit requeues this same callable, which then resumes; past that the job ends, failed for time."""
 
     def __init__(self, task_id: str, package: str, *, resume: bool, ckpt: int | None, cpu: bool, ddp: bool):
-        self.task_id, self.package, self.resume, self.ckpt, self.cpu, self.ddp = task_id, package, resume, ckpt, cpu, ddp
+        self.task_id, self.package, self.resume, self.ckpt = task_id, package, resume, ckpt
+        self.cpu, self.ddp = cpu, ddp
         self._proc: subprocess.Popen | None = None
         self._ended: threading.Event | None = None
 
@@ -185,7 +186,8 @@ class SlurmRun:
         output = pkg.output_path(rank, world)
         with open(output, "ab") as out:
             gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
-            out.write(f"[dlnest] Slurm job {job.job_id} (restart {restarts}) on {os.environ.get('SLURMD_NODENAME') or job.hostname}, rank {rank}/{world}"
+            node = os.environ.get("SLURMD_NODENAME") or job.hostname
+            out.write(f"[dlnest] Slurm job {job.job_id} (restart {restarts}) on {node}, rank {rank}/{world}"
                       f"{f', GPUs {gpus}' if gpus else ''}\n".encode())
             out.flush()
             # Slurm sends its pre-emption signal (USR2) to every process of the step: the worker ignores it,
@@ -428,4 +430,5 @@ def cancel(ledger: Ledger, task_id: str, timeout: float) -> None:
             _scancel(sent)
         refresh(ledger, force=True)
         time.sleep(0.2)
-    ledger.finish(task_id, "cancelled", error=f"cancelled (scancel {sent}: Slurm did not confirm within {timeout:.0f} s)")
+    ledger.finish(task_id, "cancelled",
+                  error=f"cancelled (scancel {sent}: Slurm did not confirm within {timeout:.0f} s)")
