@@ -190,8 +190,8 @@ class SlurmRun:
             out.write(f"[dlnest] Slurm job {job.job_id} (restart {restarts}) on {node}, rank {rank}/{world}"
                       f"{f', GPUs {gpus}' if gpus else ''}\n".encode())
             out.flush()
-            # Slurm sends its pre-emption signal (USR2) to every process of the step: the worker ignores it,
-            # and this process (submitit's handler, then ``checkpoint``) stops the worker cleanly
+            # Slurm sends its time-limit warning (USR2, sbatch --signal) to every process of the step: the worker
+            # ignores it, and this process (submitit's handler, then ``checkpoint``) stops the worker cleanly
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                           env=env, cwd=pkg.path,
                                           preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
