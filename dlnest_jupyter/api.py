@@ -51,9 +51,13 @@ def _config_hash(args: dict[str, Any]) -> str:
 
 
 def _request(cpu: bool, memory_mb: int | None, ddp: bool = False, gpus: int | None = None,
-             procs: int | None = None, **extra: Any) -> dict[str, Any]:
+             procs: int | None = None, executor: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """Validate a placement request and refuse now what the dispatcher could never place (one clear line,
-    nothing created)."""
+    nothing created). A Slurm task's request is Slurm's to place: ``slurm.request`` checks it."""
+    if executor is not None and executor["name"] == "slurm":
+        from . import slurm
+
+        return slurm.request(cpu, memory_mb, ddp, gpus, procs, executor, **extra)
     if memory_mb is not None and memory_mb <= 0:
         raise DLNestError(f"-m must be a positive number of MiB, got {memory_mb}")
     if (gpus is not None or procs is not None) and not ddp:
@@ -79,6 +83,17 @@ def _request(cpu: bool, memory_mb: int | None, ddp: bool = False, gpus: int | No
     return request
 
 
+def _executor(default: Any, executor: str | dict[str, Any] | None, partition: str | None, nodes: int | None,
+              time_limit: str | None) -> dict[str, Any]:
+    """The project's ``"executor"`` block, under ``executor`` (a name, or a block from Python), under the flags."""
+    from . import slurm
+
+    if isinstance(executor, dict):
+        default = {**(default if isinstance(default, dict) else {"name": default} if default else {}), **executor}
+        executor = None
+    return slurm.options(default, name=executor, partition=partition, nodes=nodes, time=time_limit)
+
+
 def _owner(attached: bool) -> dict[str, Any] | None:
     if not attached:
         return None
@@ -102,19 +117,39 @@ def _enqueue(kind: str, package: SavePackage, request: dict[str, Any], *, priori
     if kind == "train":
         package.update_record(task_id=task_id)
     _kick()
+    if request.get("executor"):
+        _await_submission(task_id)
     return Task(task_id)
+
+
+def _await_submission(task_id: str, timeout: float = 60.0) -> None:
+    """A task for another engine is submitted at once: its refusal (say, Slurm's "Invalid partition name")
+    becomes this call's one-line error, while the task's record says failed with the same reason."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = ledger().get(task_id)
+        if row["status"] == "failed":
+            raise DLNestError(f"{task_id} failed: {row['error']}")
+        if row["slurm_job_id"] or row["status"] in FINAL:
+            return
+        time.sleep(0.02)
 
 
 def submit(config: str | Path, *, freq: str | Path | None = None, overrides: Iterable[str] = (),
            description: str = "", cpu: bool = False, memory_mb: int | None = None, priority: int = 0,
            attached: bool = False, ddp: bool = False, gpus: int | None = None, procs: int | None = None,
-           command: list[str] | None = None) -> "Task":
+           executor: str | dict[str, Any] | None = None, partition: str | None = None, nodes: int | None = None,
+           time: str | None = None, command: list[str] | None = None) -> "Task":
     """Queue a training task: its code snapshot is taken now; it starts when a device (or CPU slot) is free.
 
     ``ddp``: several GPUs (``gpus`` of them, each with ``memory_mb`` free; or as few as hold ``memory_mb``
-    together), or ``procs`` CPU ranks with ``cpu``."""
+    together), or ``procs`` CPU ranks with ``cpu``. ``executor="slurm"`` (or the root config's ``"executor"``
+    block) submits it as a Slurm job instead (``partition``, ``nodes``, ``time`` as ``HH:MM:SS``, ``gpus``
+    per node); Slurm's refusal raises at once, the task then recorded as failed."""
     cfg = load_config(config, freq, list(overrides))
-    request = _request(cpu, memory_mb, ddp, gpus, procs, attached=_owner(attached))
+    spec = _executor(cfg.args.get("executor"), executor, partition, nodes, time)
+    request = _request(cpu, memory_mb, ddp, gpus, procs, executor=spec if spec["name"] != "local" else None,
+                       attached=_owner(attached))
     package = SavePackage.create(cfg, command=command or ["submit", str(config)], description=description)
     return _enqueue("train", package, request, priority=priority, config_hash=_config_hash(cfg.args),
                     description=description, command=command or [])
@@ -122,10 +157,12 @@ def submit(config: str | Path, *, freq: str | Path | None = None, overrides: Ite
 
 def continue_(record_path: str | Path, *, cpu: bool = False, memory_mb: int | None = None, ckpt: int | None = None,
               priority: int = 0, attached: bool = False, ddp: bool = False, gpus: int | None = None,
-              procs: int | None = None, command: list[str] | None = None) -> "Task":
+              procs: int | None = None, executor: str | dict[str, Any] | None = None, partition: str | None = None,
+              nodes: int | None = None, time: str | None = None, command: list[str] | None = None) -> "Task":
     """Queue a ``continue`` of a package (with its own code) from its newest or ``ckpt``'s checkpoint.
 
-    A DDP package continues with its own world size unless told otherwise (an exact resume needs it)."""
+    A DDP package continues with its own world size unless told otherwise (an exact resume needs it). The
+    executor defaults to the package's config's ``"executor"`` block, as for ``submit``."""
     package = SavePackage.open(record_path)
     busy = [t for t in ledger().tasks(ACTIVE) if t["package"] == str(package.path)]
     if busy:
@@ -133,8 +170,10 @@ def continue_(record_path: str | Path, *, cpu: bool = False, memory_mb: int | No
     world = int(package.record().get("world_size") or 1)
     if world > 1 and not ddp:
         ddp, gpus, procs = True, (None if cpu else world), (world if cpu else None)
-    request = _request(cpu, memory_mb, ddp, gpus, procs, ckpt=ckpt, attached=_owner(attached))
     args = json.loads(package.config_path.read_text())
+    spec = _executor(args.get("executor"), executor, partition, nodes, time)
+    request = _request(cpu, memory_mb, ddp, gpus, procs, executor=spec if spec["name"] != "local" else None,
+                       ckpt=ckpt, attached=_owner(attached))
     return _enqueue("continue", package, request, priority=priority, config_hash=_config_hash(args),
                     description=package.record().get("description", ""), command=command or [])
 
@@ -168,6 +207,13 @@ def cancel(task_id: str, timeout: float = 30.0) -> "Task":
     with ledger().transaction() as db:
         ledger().update(db, task_id, cancel_requested=1)
     row = ledger().get(task_id)
+    from .scheduler import executor
+
+    if executor(row) == "slurm":
+        from . import slurm
+
+        slurm.cancel(ledger(), task_id, max(timeout, 60.0))  # Slurm's KillWait (30 s by default) comes first
+        return Task(task_id)
     if process_alive(row["supervisor_pid"], row["supervisor_started"]):
         os.kill(row["supervisor_pid"], signal.SIGTERM)
     task = Task(task_id)
@@ -201,11 +247,15 @@ class Task:
 
     @property
     def row(self) -> dict[str, Any]:
+        from .scheduler import refresh_external
+
+        refresh_external(ledger())  # a Slurm task's state comes from squeue (at most once a second)
         return _resolve(self.id)
 
     status = property(lambda self: self.row["status"])
     devices = property(lambda self: self.row["placement"] or [])
     error = property(lambda self: self.row["error"])
+    slurm_job_id = property(lambda self: self.row["slurm_job_id"])
 
     @property
     def record_path(self) -> Path:
@@ -237,6 +287,8 @@ class Task:
     def __repr__(self) -> str:
         row = self.row
         where = ",".join(row["placement"] or []) or ("cpu" if row["request"].get("cpu") else "-")
+        if row["slurm_job_id"]:
+            where = f"slurm job {row['slurm_job_id']}" + (f" ({where})" if where != "-" else "")
         extra = f" error={row['error']!r}" if row["status"] == "failed" and row["error"] else ""
         return f"<Task {self.id} {row['kind']} {row['status']} on {where} package={row['package']}{extra}>"
 

@@ -87,8 +87,18 @@ def add_queue_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_ddp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ddp", "-DDP", action="store_true", help="DistributedDataParallel over several devices")
-    p.add_argument("--gpus", type=int, metavar="N", help="with --ddp: this many GPUs, each with MB free")
+    p.add_argument("--gpus", type=int, metavar="N", help="with --ddp: this many GPUs, each with MB free; with "
+                   "--executor slurm: GPUs per node")
     p.add_argument("--procs", type=int, metavar="N", help="with --cpu --ddp: this many CPU ranks (gloo)")
+
+
+def add_executor_arguments(p: argparse.ArgumentParser) -> None:
+    """Where a queued task runs (default: the root config's "executor" block, else this machine)."""
+    p.add_argument("--executor", choices=("local", "slurm"), help="local (a supervisor here, the default) or slurm "
+                   "(a Slurm job through submitit)")
+    p.add_argument("--partition", metavar="P", help="with --executor slurm: the Slurm partition")
+    p.add_argument("--nodes", type=int, metavar="K", help="with --executor slurm --ddp: ranks on K nodes")
+    p.add_argument("--time", metavar="HH:MM:SS", help="with --executor slurm: the job's time limit")
 
 
 def add_cpu_argument(p: argparse.ArgumentParser) -> None:
@@ -137,10 +147,12 @@ def _parser() -> argparse.ArgumentParser:
     add_run_arguments(submit)
     add_queue_arguments(submit)
     add_ddp_arguments(submit)
+    add_executor_arguments(submit)
     resubmit = sub.add_parser("resubmit", help="queue a continue of a package (background)")
     add_continue_arguments(resubmit)
     add_queue_arguments(resubmit)
     add_ddp_arguments(resubmit)
+    add_executor_arguments(resubmit)
     tasks = sub.add_parser("tasks", help="list this user's tasks, newest first")
     tasks.add_argument("--active", action="store_true", help="only queued, starting and running tasks")
     dele = sub.add_parser("del", help="stop a task (its whole process tree)")
@@ -161,7 +173,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--ckpt", type=int)
     worker.add_argument("--rank", type=int, default=0)
     worker.add_argument("--world-size", type=int, default=1)
-    worker.add_argument("--rendezvous", help="DDP: the FileStore path all ranks meet at")
+    worker.add_argument("--local-rank", type=int, help="DDP: this rank's GPU on its node (default: --rank)")
+    worker.add_argument("--rendezvous", help="DDP: the FileStore path all ranks meet at, or a tcp:// URL (Slurm, "
+                        "several nodes)")
     for cmd in (run, cont, ana, submit, resubmit, worker, session):
         add_cpu_argument(cmd)
     return p
@@ -218,7 +232,8 @@ def _submit(ns: argparse.Namespace) -> int:
 
     task = api.submit(ns.config, freq=ns.freq, overrides=ns.overrides, description=ns.description, cpu=ns.cpu,
                       memory_mb=ns.memory, priority=ns.priority, attached=ns.attached, ddp=ns.ddp, gpus=ns.gpus,
-                      procs=ns.procs, command=[PROG, *sys.argv[1:]])
+                      procs=ns.procs, executor=ns.executor, partition=ns.partition, nodes=ns.nodes, time=ns.time,
+                      command=[PROG, *sys.argv[1:]])
     print(task.id)
     return 0
 
@@ -227,8 +242,8 @@ def _resubmit(ns: argparse.Namespace) -> int:
     from . import api
 
     task = api.continue_(ns.record, cpu=ns.cpu, memory_mb=ns.memory, ckpt=ns.ckpt, priority=ns.priority,
-                         attached=ns.attached, ddp=ns.ddp, gpus=ns.gpus, procs=ns.procs,
-                         command=[PROG, *sys.argv[1:]])
+                         attached=ns.attached, ddp=ns.ddp, gpus=ns.gpus, procs=ns.procs, executor=ns.executor,
+                         partition=ns.partition, nodes=ns.nodes, time=ns.time, command=[PROG, *sys.argv[1:]])
     print(task.id)
     return 0
 
@@ -289,10 +304,11 @@ def _worker(ns: argparse.Namespace) -> int:
     if ns.world_size > 1:
         import torch.distributed as dist
 
-        if device.type == "cuda":  # the supervisor made exactly this task's GPUs visible, one per rank
-            device = torch.device("cuda", ns.rank)
+        if device.type == "cuda":  # the supervisor (or Slurm) made exactly this node's task GPUs visible
+            device = torch.device("cuda", ns.rank if ns.local_rank is None else ns.local_rank)
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{ns.rendezvous}",
+        init = ns.rendezvous if "://" in ns.rendezvous else f"file://{ns.rendezvous}"
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init,
                                 rank=ns.rank, world_size=ns.world_size)
     if not ns.resume and ns.rank == 0:
         from .envinfo import capture_env

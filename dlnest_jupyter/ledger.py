@@ -62,6 +62,8 @@ MIGRATIONS = [
     "ALTER TABLE tasks ADD COLUMN endpoint TEXT",
     # 3: every rank's [pid, create time] (DDP), so del can end them all even without the supervisor
     "ALTER TABLE tasks ADD COLUMN rank_pids TEXT",
+    # 4: a task run by Slurm (executor "slurm") is known there by this job id (squeue, scancel)
+    "ALTER TABLE tasks ADD COLUMN slurm_job_id TEXT",
 ]
 JSON_COLUMNS = ("request", "placement", "command", "rank_pids")
 

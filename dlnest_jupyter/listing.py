@@ -24,11 +24,15 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 def task_rows(active_only: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
     """This user's tasks, newest first, with where they run, how long they ran and a note."""
     from .api import ledger
+    from .scheduler import refresh_external
 
+    refresh_external(ledger())  # Slurm tasks: their state as squeue says now, even with no dispatcher running
     now = time.time()
     rows = ledger().tasks(ACTIVE if active_only else None)
     for t in rows[:limit]:
         t["where"] = ",".join(t["placement"] or []) or ("cpu" if t["request"].get("cpu") else "-")
+        if t["slurm_job_id"]:
+            t["where"] = f"slurm:{t['slurm_job_id']}" + (f"@{t['where']}" if t["where"] != "-" else "")
         t["elapsed"] = ((t["ended"] or now) - t["started"]) if t["started"] else None
         t["note"] = t["error"] if t["status"] in ("failed", "cancelled") and t["error"] else (t["description"] or "")
     return rows[:limit]

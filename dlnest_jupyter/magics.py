@@ -10,8 +10,8 @@ from typing import Any, Callable
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from . import api
-from .cli import (HelpShown, add_continue_arguments, add_cpu_argument, add_ddp_arguments, add_new_arguments,
-                  add_queue_arguments, add_run_arguments, magic_parser)
+from .cli import (HelpShown, add_continue_arguments, add_cpu_argument, add_ddp_arguments, add_executor_arguments,
+                  add_new_arguments, add_queue_arguments, add_run_arguments, magic_parser)
 from .errors import DLNestError
 
 _dispatcher = None
@@ -56,20 +56,24 @@ class DLNestMagics(Magics):
     @_guard
     def dlnest_run(self, line: str) -> api.Task:
         """Queue a training task: %dlnest_run -c ROOT [--cpu] [-m MB] [--priority N] [--attached] [-f FREQ]
-        [-d DESC] [--set k=v ...] [--ddp [--gpus N | --procs N]]. Returns its Task handle."""
-        ns = _parse("%dlnest_run", line, add_run_arguments, add_queue_arguments, add_ddp_arguments, add_cpu_argument)
+        [-d DESC] [--set k=v ...] [--ddp [--gpus N | --procs N]] [--executor slurm [--partition P] [--gpus N]
+        [--nodes K] [--time HH:MM:SS]]. Returns its Task handle."""
+        ns = _parse("%dlnest_run", line, add_run_arguments, add_queue_arguments, add_ddp_arguments,
+                    add_executor_arguments, add_cpu_argument)
         return api.submit(ns.config, freq=ns.freq, overrides=ns.overrides, description=ns.description, cpu=ns.cpu,
                           memory_mb=ns.memory, priority=ns.priority, attached=ns.attached, ddp=ns.ddp,
-                          gpus=ns.gpus, procs=ns.procs, command=["%dlnest_run", *shlex.split(line)])
+                          gpus=ns.gpus, procs=ns.procs, executor=ns.executor, partition=ns.partition,
+                          nodes=ns.nodes, time=ns.time, command=["%dlnest_run", *shlex.split(line)])
 
     @line_magic
     @_guard
     def dlnest_continue(self, line: str) -> api.Task:
         """Queue a continue: %dlnest_continue -r PKG [--cpu] [-m MB] [--ckpt N] [--priority N] [--attached]."""
         ns = _parse("%dlnest_continue", line, add_continue_arguments, add_queue_arguments, add_ddp_arguments,
-                    add_cpu_argument)
+                    add_executor_arguments, add_cpu_argument)
         return api.continue_(ns.record, cpu=ns.cpu, memory_mb=ns.memory, ckpt=ns.ckpt, priority=ns.priority,
-                             attached=ns.attached, ddp=ns.ddp, gpus=ns.gpus, procs=ns.procs,
+                             attached=ns.attached, ddp=ns.ddp, gpus=ns.gpus, procs=ns.procs, executor=ns.executor,
+                             partition=ns.partition, nodes=ns.nodes, time=ns.time,
                              command=["%dlnest_continue", *shlex.split(line)])
 
     @line_magic

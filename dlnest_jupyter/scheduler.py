@@ -19,6 +19,11 @@ Rules, in order:
   sessions (idle most of the time) take no slot.
 - A supervisor that stopped heartbeating and whose process (pid + create time) is gone marks its task failed;
   a task booked but never picked up by its supervisor goes back to the queue.
+
+Executors: a task's request names who runs it. ``local`` (the default): the rules above, a supervisor on this
+machine. ``slurm``: Slurm places it, so it is booked at once, with no device and no CPU slot here, and handed
+to ``slurm.submit`` (sbatch through submitit); every tick ``slurm.refresh`` brings such tasks' status from
+squeue and their packages (see ``dlnest_jupyter/slurm.py``).
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from . import devices as devmod
+from .errors import DLNestError
 from .ledger import Ledger
 
 DAEMONIZED_TIMEOUT_S = 30
@@ -84,10 +90,40 @@ def _free_memory(gpus: list[devmod.GPU], reservations: list[dict], tasks: dict[s
     return free
 
 
+def executor(task: dict) -> str:
+    """Who runs the task: ``local`` (a supervisor here) or ``slurm``."""
+    return ((task.get("request") or {}).get("executor") or {}).get("name") or "local"
+
+
+def start_external(ledger: Ledger, task: dict) -> None:
+    """Hand a booked non-local task to its engine (a refusal raises; the caller fails the task with it)."""
+    from . import slurm
+
+    slurm.submit(ledger, task)
+
+
+def refresh_external(ledger: Ledger) -> None:
+    """Bring tasks run by another engine (Slurm) up to date; free when there are none."""
+    row = ledger.db.execute("SELECT 1 FROM tasks WHERE slurm_job_id IS NOT NULL AND status IN "
+                            "('starting', 'running') LIMIT 1").fetchone()
+    if row is not None:
+        from . import slurm
+
+        slurm.refresh(ledger)
+
+
 def reconcile(ledger: Ledger, settings: Settings, db: Any) -> None:
-    """Fail tasks whose supervisor died silently; requeue tasks booked but never started."""
+    """Fail tasks whose supervisor died silently; requeue tasks booked but never started (local tasks only:
+    ``refresh_external`` follows the others)."""
     now = time.time()
     for t in ledger.tasks(("starting", "running"), db=db):
+        if executor(t) != "local":
+            lost = t["status"] == "starting" and not t["slurm_job_id"]
+            if lost and now - (t["started"] or now) > settings.start_timeout_s:
+                # booked, but whoever was submitting it ended before sbatch answered: requeueing could submit twice
+                ledger.update(db, t["id"], status="failed", ended=now, error="its submission to Slurm never "
+                              "completed (the submitting process ended first)")
+            continue
         if t["status"] == "running" and now - (t["heartbeat"] or 0) > settings.heartbeat_timeout_s:
             if not process_alive(t["supervisor_pid"], t["supervisor_started"]):
                 ledger.update(db, t["id"], status="failed", ended=now, error="the task's supervisor died")
@@ -114,7 +150,8 @@ def dispatch_once(ledger: Ledger, launch: Callable[[Ledger, dict], None] | None 
                   settings: Settings | None = None) -> list[str]:
     """Start every queued task that fits now; returns their ids."""
     settings = settings or Settings.from_env()
-    launch = launch or spawn_supervisor
+    local_launch = launch or spawn_supervisor
+    refresh_external(ledger)
     now = time.time()
     booked: list[dict] = []
     with ledger.transaction() as db:
@@ -122,8 +159,8 @@ def dispatch_once(ledger: Ledger, launch: Callable[[Ledger, dict], None] | None 
         queued = ledger.tasks(("queued",), db=db, order="priority DESC, seq ASC")
         if not queued:
             return []
-        active = {t["id"]: t for t in ledger.tasks(("starting", "running"), db=db)}
-        gpus = devmod.gpus() if any(not t["request"].get("cpu") for t in queued) else []
+        active = {t["id"]: t for t in ledger.tasks(("starting", "running"), db=db) if executor(t) == "local"}
+        gpus = devmod.gpus() if any(not t["request"].get("cpu") and executor(t) == "local" for t in queued) else []
         free = _free_memory(gpus, ledger.reservations(db), active)
         count = {g.uuid: 0 for g in gpus}
         for t in active.values():
@@ -137,6 +174,9 @@ def dispatch_once(ledger: Ledger, launch: Callable[[Ledger, dict], None] | None 
         starving = False
         for task in queued:
             req = task["request"]
+            if executor(task) != "local":  # its engine places it
+                booked.append(_book(ledger, db, task, {}, now))
+                continue
             if req.get("cpu"):
                 if task["kind"] == "analyze":
                     booked.append(_book(ledger, db, task, {}, now))
@@ -171,7 +211,9 @@ def dispatch_once(ledger: Ledger, launch: Callable[[Ledger, dict], None] | None 
             booked.append(_book(ledger, db, task, choice, now))
     for task in booked:
         try:
-            launch(ledger, task)
+            (local_launch if executor(task) == "local" else start_external)(ledger, task)
+        except DLNestError as exc:  # the executor's own clear reason (e.g. Slurm refused the job)
+            ledger.finish(task["id"], "failed", error=str(exc))
         except Exception as exc:  # the task must not stay "starting" with nobody running it
             ledger.finish(task["id"], "failed", error=f"could not start its supervisor: {exc}")
     return [t["id"] for t in booked]

@@ -76,12 +76,18 @@ def _worker_command(task: dict) -> tuple[list[str], Path]:
         ckpt = "-" if req.get("ckpt") is None else str(req["ckpt"])
         cmd = [sys.executable, "-m", "dlnest_jupyter.session_kernel", str(connection), str(package.path), ckpt]
         return cmd + (["--cpu"] if _on_cpu(task) else []), package.path / f"_session_{task['id']}.txt"
+    cmd = worker_command(package, resume=task["kind"] == "continue", ckpt=req.get("ckpt"), cpu=_on_cpu(task))
+    return cmd, package.output_path()
+
+
+def worker_command(package: SavePackage, *, resume: bool, ckpt: int | None, cpu: bool) -> list[str]:
+    """The training entry point every executor runs (here under a supervisor; in a Slurm job, by submitit)."""
     cmd = [sys.executable, "-m", "dlnest_jupyter", "worker", "--package", str(package.path)]
-    if task["kind"] == "continue":
+    if resume:
         cmd.append("--resume")
-        if req.get("ckpt") is not None:
-            cmd += ["--ckpt", str(req["ckpt"])]
-    return cmd + (["--cpu"] if _on_cpu(task) else []), package.output_path()
+        if ckpt is not None:
+            cmd += ["--ckpt", str(ckpt)]
+    return cmd + (["--cpu"] if cpu else [])
 
 
 def world_size(task: dict) -> int:

@@ -49,7 +49,7 @@ RESOURCE = "dlnest"
 KINDS = ("train", "continue", "analyze")
 PUBLIC = ("id", "seq", "kind", "status", "priority", "project", "package", "config_hash", "request", "placement",
           "supervisor_pid", "worker_pid", "heartbeat", "exit_code", "error", "cancel_requested", "description",
-          "command", "created", "started", "ended")
+          "command", "created", "started", "ended", "slurm_job_id")
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 DEFAULT_CHUNK, MAX_CHUNK = 1 << 20, 8 << 20
 MAX_EVENT_WAIT_S = 60.0
