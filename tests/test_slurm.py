@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -118,6 +119,11 @@ def test_magic_runs_a_gpu_task_as_a_slurm_job_to_done(tmp_path: Path, env, slurm
         print('final', t.wait(300))
         ip.run_line_magic('dlnest_tasks', '')
         print(t.output(tail=3))
+        from dlnest_jupyter import panels
+        p = panels.panel()
+        p._refresh_tasks()  # what the panel's pump shows each second
+        print('panel', p.tasks.value)
+        p.close()
         print(json.dumps(t.row))
     """, env)
     row = json.loads(out.strip().splitlines()[-1])
@@ -126,6 +132,9 @@ def test_magic_runs_a_gpu_task_as_a_slurm_job_to_done(tmp_path: Path, env, slurm
     assert row["status"] == "done" and row["error"] is None and row["placement"] == ["localhost"]
     assert row["request"]["executor"] == {"name": "slurm"} and row["request"]["gpus"] == 1
     assert f"slurm:{job}@localhost" in out and "[dlnest] done:" in out
+    panel = next(line for line in out.splitlines() if line.startswith("panel "))
+    assert re.search(rf'data-task="{row["id"]}" data-status="done"><td>{row["id"]}</td><td>done</td>'
+                     rf"<td>slurm:{job}@localhost</td>.*epoch 2/2", panel)
     pkg = Path(row["package"])
     output = (pkg / "_output.txt").read_text()
     assert f"[dlnest] Slurm job {job} (restart 0) on localhost, rank 0/1, GPUs 0" in output
