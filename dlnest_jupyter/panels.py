@@ -410,8 +410,9 @@ def _continue(task_id: str) -> tuple[str, str | None]:
     row = api.ledger().get(task_id)
     req = row["request"]
     task = api.continue_(row["package"], cpu=req.get("cpu", False), memory_mb=req.get("memory_mb"),
-                         ddp=req.get("ddp", False), gpus=req.get("gpus"), procs=req.get("procs") if req.get("ddp") else None,
-                         executor=req.get("executor"), command=["panel: continue", task_id])
+                         ddp=req.get("ddp", False), gpus=req.get("gpus"),
+                         procs=req.get("procs") if req.get("ddp") else None, executor=req.get("executor"),
+                         command=["panel: continue", task_id])
     return f"{task.id}: continue of {task_id} queued", task.id
 
 

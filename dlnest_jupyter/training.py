@@ -263,7 +263,8 @@ def train(package: SavePackage, device: torch.device, *, resume: bool = False, c
         if metrics and resume:
             metrics.truncate_after(run.iter)
         try:
-            train_loop(run, metrics, Progress(progress_stream if lead else None, package.progress_path if lead else None))
+            progress = Progress(progress_stream, package.progress_path) if lead else Progress(None)
+            train_loop(run, metrics, progress)
         finally:
             if metrics:
                 metrics.close()

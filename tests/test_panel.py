@@ -126,7 +126,8 @@ def test_panel_models_hold_the_task_and_buttons_act(frontend: Frontend, tmp_path
     panel_cell = fe.execute("%dlnest_panel")
     fe.wait(lambda: fe.displayed, what="the panel's display")
     assert fe.displayed[0][1] == panel_cell
-    task_id = fe.wait(lambda: re.search(r'data-task="(T_\w+)"', fe.html("dlnest-panel-tasks")), what="a task row").group(1)
+    row = fe.wait(lambda: re.search(r'data-task="(T_\w+)"', fe.html("dlnest-panel-tasks")), what="a task row")
+    task_id = row.group(1)
 
     # GPU rows: the two simulated devices and the host
     gpus = fe.html("dlnest-panel-gpus")
