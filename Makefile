@@ -10,12 +10,13 @@ DEMO := build/demo
 
 install: $(VENV)/.installed
 
+# build/ipykernel6: the panel tests also run a kernel on ipykernel 6, which the package allows beside 7
+
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e '.[test,examples]'
-	# the panel tests also run a kernel on ipykernel 6, which the package allows beside 7
 	rm -rf build/ipykernel6
 	$(PY) -m pip install -q --no-deps --target build/ipykernel6 'ipykernel>=6.20,<7' nest_asyncio
 	touch $@
