@@ -10,8 +10,8 @@ DEMO := build/demo
 
 install: $(VENV)/.installed
 
-# build/ipykernel6: the panel tests also run a kernel on ipykernel 6, which the package allows beside 7
-
+# .venv with torch's CPU build and the package; build/ipykernel6 holds ipykernel 6, which the package allows
+# beside 7: the panel tests run a kernel on each.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
