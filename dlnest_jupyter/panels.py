@@ -205,6 +205,9 @@ class Panel(w.VBox):
         self._queue.put(("refresh", None))
         return super()._repr_mimebundle_(**kwargs)
 
+    def __repr__(self) -> str:  # the text/plain a front end without widgets (or a terminal) shows
+        return "<dlnest panel: GPUs, tasks, output and metrics; shown live by a notebook front end>"
+
     def _on_select(self, change: dict[str, Any]) -> None:
         if not self._quiet:
             self._queue.put(("select", change["new"]))
