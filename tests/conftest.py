@@ -1,12 +1,14 @@
 """Shared fixtures: real processes running ``python -m dlnest_jupyter`` on real projects in temp folders."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any, Iterator
 
 import psutil
 import pytest
@@ -104,3 +106,20 @@ def shell(script: str, env: dict[str, str], timeout: float = 600, wait: bool = T
     return out, err
 
 
+
+
+@contextlib.contextmanager
+def kernel_client(env: dict[str, str], cwd: Path) -> Iterator[Any]:
+    """A real IPython kernel (the venv's python3 kernelspec) and a ready client on it; shut down after."""
+    from jupyter_client import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(env=env, cwd=str(cwd))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=120)
+        yield kc
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from jupyter_client import KernelManager
+from conftest import kernel_client
 
 from dlnest_jupyter.scaffold import new_project
 
@@ -103,20 +103,11 @@ def frontend(request, tmp_path: Path, env):
         if not IPYKERNEL6.is_dir():
             pytest.skip("ipykernel 6 is not installed in build/ipykernel6 (make install puts it there)")
         kernel_env["PYTHONPATH"] = os.pathsep.join([str(IPYKERNEL6), *filter(None, [env.get("PYTHONPATH")])])
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel(env=kernel_env, cwd=str(tmp_path))
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=120)
+    with kernel_client(kernel_env, tmp_path) as kc:
         fe = Frontend(kc)
-        fe.execute("import ipykernel; print(ipykernel.__version__)")
         fe.execute(f"import ipykernel; assert ipykernel.version_info[0] == {request.param[-1]}, ipykernel.__file__")
         fe.execute("%load_ext dlnest_jupyter")
         yield fe
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
 
 
 def test_panel_models_hold_the_task_and_buttons_act(frontend: Frontend, tmp_path: Path):

@@ -5,7 +5,7 @@ import queue
 import time
 from pathlib import Path
 
-from jupyter_client import KernelManager
+from conftest import kernel_client
 
 from dlnest_jupyter.scaffold import new_project
 
@@ -25,12 +25,7 @@ def _reply(kc, code: str) -> dict:
 
 def test_watch_follows_output_into_its_cell_and_withdraw_stops_it(tmp_path: Path, env):
     project = new_project(tmp_path / "mnist", mnist=True)
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel(env=env, cwd=str(tmp_path))
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=120)
+    with kernel_client(env, tmp_path) as kc:
         _execute(kc, "%load_ext dlnest_jupyter")
         _execute(kc, f"t = %dlnest_run -c {project}/root_config.json --cpu --set epochs=30")
         watch_cell = _execute(kc, "%dlnest_watch -n 5 {t.id}")
@@ -67,6 +62,3 @@ def test_watch_follows_output_into_its_cell_and_withdraw_stops_it(tmp_path: Path
         assert late == []  # nothing is sent once %dlnest_withdraw has returned
         _execute(kc, "assert t.status == 'running', t")  # the task kept running
         _execute(kc, "%dlnest_del {t.id}")
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
