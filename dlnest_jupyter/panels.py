@@ -193,7 +193,7 @@ class Panel(w.VBox):
         self._options: list[tuple[str, str]] = []
         self._message = ""  #: what the last action did
         self._problems: dict[str, str] = {}  #: view -> its refresh error, until it refreshes again
-        self.ticks = self.errors = 0  #: for tests and benchmarks
+        self.errors = 0  #: refreshes that failed (the tests read it)
 
     # -- the cell's side ------------------------------------------------------------------------------------
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
@@ -240,7 +240,6 @@ class Panel(w.VBox):
                 self._context.run(self._tick, event)
             except Exception as exc:  # not a view's refresh: the panel itself; still shown, still going
                 self._failed("panel", exc)
-            self.ticks += 1
             try:  # wait for the next due view, or for work from the front end
                 event = self._queue.get(timeout=max(0.0, period - (time.monotonic() - started)))
             except queue.Empty:

@@ -23,8 +23,8 @@ def output_file(package: Path, task_id: str, rank: int = 0) -> Path:
 class _Appended:
     """What a file gained since the last read; starts over when the file is replaced by a shorter one."""
 
-    def __init__(self, path: Path, start: int = 0):
-        self.path, self.offset = path, start
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
 
     def read(self, limit: int | None = None) -> tuple[bytes, bool]:
         """The appended bytes, at most the last ``limit`` of them; and whether older ones were skipped."""
