@@ -4,6 +4,7 @@ Everything here reads and writes the ledger; a ``Task`` holds only an id, so han
 kernels and restarts."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -225,7 +226,9 @@ def cancel(task_id: str, timeout: float = 30.0) -> "Task":
         for pid, started in row["rank_pids"] or [[row["worker_pid"], row["worker_started"]]]:
             if process_alive(pid, started):
                 kill_tree(psutil.Process(pid))
-        ledger().finish(task_id, "cancelled", error="cancelled (supervisor did not answer)")
+        if ledger().finish(task_id, "cancelled", error="cancelled (supervisor did not answer)"):
+            with contextlib.suppress(DLNestError, OSError):
+                SavePackage(row["package"]).settle("cancelled", "cancelled (supervisor did not answer)")
     return task
 
 

@@ -286,18 +286,13 @@ def _exp(ns: argparse.Namespace) -> int:
 def _worker(ns: argparse.Namespace) -> int:
     """Runs under a supervisor (one per DDP rank): output already goes to the package; SIGTERM ends
     training cleanly (an in-flight checkpoint still lands)."""
-    import signal
-
     import torch
 
     from .engine import prepare_import_path, resolve_device
     from .package import SavePackage
-    from .training import train
+    from .training import stop_on_sigterm, train
 
-    def interrupt(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
+    stop_on_sigterm()
     pkg = SavePackage.open(ns.package)
     prepare_import_path(Path(pkg.record()["project_dir"]))
     device = resolve_device(ns.cpu)

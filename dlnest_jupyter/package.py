@@ -98,6 +98,12 @@ class SavePackage:
         self.write_record(record)
         return record
 
+    def settle(self, status: str, error: str | None) -> None:
+        """Make the record say the scheduler's final verdict: the worker may have been killed before it could
+        write its own, or have taken a del's stop for a failure."""
+        if self.record().get("status") != status:
+            self.update_record(status=status, error=error)
+
     def config(self) -> ProjectConfig:
         """The merged config the run used, rooted in the code snapshot (so file paths point into it)."""
         try:

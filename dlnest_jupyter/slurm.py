@@ -406,10 +406,8 @@ def refresh(ledger: Ledger, force: bool = False) -> None:
         else:
             status, error = _verdict(t, state, reason)
             if ledger.finish(t["id"], status, error=error):
-                pkg = SavePackage(t["package"])
                 with contextlib.suppress(DLNestError, OSError):
-                    if pkg.record().get("status") in ("created", "running"):  # killed before it could say so
-                        pkg.update_record(status=status, error=error)
+                    SavePackage(t["package"]).settle(status, error)
 
 
 def cancel(ledger: Ledger, task_id: str, timeout: float) -> None:

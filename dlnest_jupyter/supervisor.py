@@ -209,8 +209,7 @@ def supervise(task_id: str, ledger: Ledger) -> int:
         where = f"rank {bad}: " if len(ranks) > 1 else ""
         status = "failed"
         error = where + (record.get("error") or _last_line(outputs[bad]) or f"exited with status {code}")
-    if record.get("status") in ("running", "created"):  # the worker was killed before it could say so
-        package.update_record(status=status, error=error)
+    package.settle(status, error)
     ledger.finish(task_id, status, exit_code=code, error=error)
     peak = record.get("peak_gpu_mb")
     if status == "done" and peak and task["config_hash"]:

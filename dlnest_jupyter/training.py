@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -211,6 +213,25 @@ def train_loop(run: Run, metrics: MetricsWriter | None, progress: Progress) -> N
     hook("after_all")
 
 
+_stop_requested = threading.Event()
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (a del, or Slurm's stop) end this process's training as cancelled, never as failed.
+
+    The same SIGTERM also ends the data-loader workers, and torch's SIGCHLD handler then raises "DataLoader
+    worker ... killed by signal" wherever the interrupted loop happens to be (a ``finally`` that waits for a
+    checkpoint, say). So the handler stands torch's down and remembers the stop: whatever ends the loop after
+    it counts as the cancellation it is."""
+
+    def stop(*_: object) -> None:
+        _stop_requested.set()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def train(package: SavePackage, device: torch.device, *, resume: bool = False, ckpt: int | None = None,
           command: list[str] | None = None, progress_stream: TextIO | None = None, rank: int = 0,
           world_size: int = 1) -> Run:
@@ -269,14 +290,11 @@ def train(package: SavePackage, device: torch.device, *, resume: bool = False, c
             if metrics:
                 metrics.close()
             run.checkpoints.wait(raise_errors=False)  # an in-flight save still lands if the loop failed
-    except KeyboardInterrupt:
-        finish("cancelled", "interrupted")
-        raise
-    except DLNestError as exc:
-        finish("failed", str(exc))
-        raise
-    except Exception as exc:
-        finish("failed", f"{type(exc).__name__}: {exc}")
+    except (KeyboardInterrupt, Exception) as exc:
+        if isinstance(exc, KeyboardInterrupt) or _stop_requested.is_set():
+            finish("cancelled", "interrupted")
+        else:
+            finish("failed", str(exc) if isinstance(exc, DLNestError) else f"{type(exc).__name__}: {exc}")
         raise
     finish("done")
     return run

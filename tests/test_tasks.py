@@ -106,12 +106,38 @@ def test_del_during_training_ends_every_process_and_continue_works(tmp_path: Pat
     assert task.status == "cancelled"
     gone, alive = psutil.wait_procs(tree, timeout=10)
     assert not alive and not processes_mentioning(str(task.package))
-    assert json.loads(task.record_path.read_text())["status"] == "cancelled"
+    record = json.loads(task.record_path.read_text())
+    assert (record["status"], record["attempts"][-1]["status"]) == ("cancelled", "cancelled"), record["error"]
 
     again = api.continue_(task.package, memory_mb=2000)
     assert again.wait(300) == "done", again.output(tail=20)
     record = json.loads(task.record_path.read_text())
     assert record["status"] == "done" and [a["status"] for a in record["attempts"]][-1] == "done"
+
+
+def test_a_del_that_surfaces_as_another_error_is_still_cancelled(tmp_path: Path, env):
+    """The del's SIGTERM also ends data-loader workers, and torch then raises "DataLoader worker ... killed"
+    wherever the stop is unwinding. Here the user's step turns the stop into such an error, every time."""
+    from dlnest_jupyter import api
+
+    project = new_project(tmp_path / "mnist", mnist=True)
+    model = project / "Model" / "Model.py"
+    model.write_text(model.read_text().replace("        x, y = batch\n", """        x, y = batch
+        import time
+        try:
+            time.sleep(0.05)
+        except KeyboardInterrupt:
+            raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.") from None
+""", 1))
+    task = api.submit(project / "root_config.json", memory_mb=2000, overrides=["epochs=50"])
+    deadline = time.monotonic() + 120
+    while not (task.package / "metrics.jsonl").exists():
+        assert time.monotonic() < deadline and task.status in ("queued", "starting", "running"), task
+        time.sleep(0.05)
+    assert api.cancel(task.id).status == "cancelled"
+    record = json.loads(task.record_path.read_text())
+    assert (record["status"], record["attempts"][-1]["status"]) == ("cancelled", "cancelled"), record["error"]
+    assert "killed by signal" in task.output(tail=40)  # the user still sees what their code raised
 
 
 def test_del_during_a_checkpoint_write_leaves_nothing_running(tmp_path: Path, env):
