@@ -240,7 +240,7 @@ def test_project_default_executor_time_limit_and_the_checkpoint_hook(tmp_path: P
     assert task.wait(400) == "failed"
     assert task.error == f"Slurm job {task.slurm_job_id} was killed at its time limit (00:01:00)"
     record = json.loads((task.package / "record.json").read_text())
-    assert record["status"] in ("failed", "cancelled") and len(record["attempts"]) == 2
+    assert (record["status"], record["error"]) == ("failed", task.error) and len(record["attempts"]) == 2
     assert record["attempts"][1]["resumed_from"] >= 1
     output = (task.package / "_output.txt").read_text()
     assert f"Slurm job {task.slurm_job_id} (restart 1)" in output
