@@ -85,14 +85,16 @@ def _request(cpu: bool, memory_mb: int | None, ddp: bool = False, gpus: int | No
 
 
 def _executor(default: Any, executor: str | dict[str, Any] | None, partition: str | None, nodes: int | None,
-              time_limit: str | None) -> dict[str, Any]:
-    """The project's ``"executor"`` block, under ``executor`` (a name, or a block from Python), under the flags."""
+              time_limit: str | None) -> dict[str, Any] | None:
+    """The project's ``"executor"`` block, under ``executor`` (a name, or a block from Python), under the flags;
+    None for this machine's own scheduler."""
     from . import slurm
 
     if isinstance(executor, dict):
         default = {**(default if isinstance(default, dict) else {"name": default} if default else {}), **executor}
         executor = None
-    return slurm.options(default, name=executor, partition=partition, nodes=nodes, time=time_limit)
+    spec = slurm.options(default, name=executor, partition=partition, nodes=nodes, time=time_limit)
+    return spec if spec["name"] != "local" else None
 
 
 def _owner(attached: bool) -> dict[str, Any] | None:
@@ -148,8 +150,8 @@ def submit(config: str | Path, *, freq: str | Path | None = None, overrides: Ite
     block) submits it as a Slurm job instead (``partition``, ``nodes``, ``time`` as ``HH:MM:SS``, ``gpus``
     per node); Slurm's refusal raises at once, the task then recorded as failed."""
     cfg = load_config(config, freq, list(overrides))
-    spec = _executor(cfg.args.get("executor"), executor, partition, nodes, time)
-    request = _request(cpu, memory_mb, ddp, gpus, procs, executor=spec if spec["name"] != "local" else None,
+    request = _request(cpu, memory_mb, ddp, gpus, procs,
+                       executor=_executor(cfg.args.get("executor"), executor, partition, nodes, time),
                        attached=_owner(attached))
     package = SavePackage.create(cfg, command=command or ["submit", str(config)], description=description)
     return _enqueue("train", package, request, priority=priority, config_hash=_config_hash(cfg.args),
@@ -172,8 +174,8 @@ def continue_(record_path: str | Path, *, cpu: bool = False, memory_mb: int | No
     if world > 1 and not ddp:
         ddp, gpus, procs = True, (None if cpu else world), (world if cpu else None)
     args = json.loads(package.config_path.read_text())
-    spec = _executor(args.get("executor"), executor, partition, nodes, time)
-    request = _request(cpu, memory_mb, ddp, gpus, procs, executor=spec if spec["name"] != "local" else None,
+    request = _request(cpu, memory_mb, ddp, gpus, procs,
+                       executor=_executor(args.get("executor"), executor, partition, nodes, time),
                        ckpt=ckpt, attached=_owner(attached))
     return _enqueue("continue", package, request, priority=priority, config_hash=_config_hash(args),
                     description=package.record().get("description", ""), command=command or [])
